@@ -1,0 +1,360 @@
+"""The one figure style of the collection: palette, labels, rc settings, ``savefig`` and the GIF writer.
+
+Every notebook draws with these so that the teacher, FKL, RKL and every other divergence keep one colour and one
+short label in every figure::
+
+    import kdiv.plotting as kp
+    kp.use_style()                                   # once, in the setup cell
+    fig, ax = kp.subplots(1, 2)
+    kp.plot_distribution(ax[0], x, teacher_probs, "teacher")
+    kp.plot_distribution(ax[0], x, student_probs, "forward_kl")
+    kp.legend_outside(fig)                           # legends go beside the panels, never over data
+    kp.savefig(fig, "fr_kl")                         # -> <repository>/figures/fr_kl.png
+
+Files are byte-stable: a fixed dpi, no timestamps or version strings in the PNG metadata, and a GIF whose palette
+is computed deterministically from its own frames.
+
+``figures/`` is found without relying on the working directory being the repository root (notebooks run in their
+own folder): the environment variable ``KDIV_FIGURES`` if set, else ``figures/`` next to the nearest
+``pyproject.toml`` above the working directory, else next to the one above this file (an editable install).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+__all__ = [
+    "COLORS",
+    "LABELS",
+    "STYLE",
+    "DPI",
+    "color",
+    "label",
+    "use_style",
+    "style",
+    "subplots",
+    "plot_distribution",
+    "legend_outside",
+    "figures_dir",
+    "savefig",
+    "save_gif",
+]
+
+# Okabe-Ito for the eight most used names (colour-blind safe), Paul Tol's colours for the rest. FKL is blue and RKL
+# vermillion everywhere; the teacher is near-black so students drawn over it stay visible.
+COLORS: dict[str, str] = {
+    "teacher": "#262626",
+    "student": "#9a9a9a",  # an untrained / initial student
+    "forward_kl": "#0072B2",
+    "reverse_kl": "#D55E00",
+    "symmetric_kl": "#CC79A7",
+    "js": "#009E73",
+    "tvd": "#E69F00",
+    "skew_kl": "#56B4E9",
+    "skew_reverse_kl": "#A6611A",
+    "akl": "#6A3D9A",
+    "wasserstein_1d": "#999933",
+    "sorted_wasserstein": "#661100",
+    "sinkhorn": "#44AA99",
+    "sinkhorn_divergence": "#332288",
+    "sinkd": "#882255",
+}
+
+LABELS: dict[str, str] = {
+    "teacher": "Teacher",
+    "student": "Student (init.)",
+    "forward_kl": "FKL",
+    "reverse_kl": "RKL",
+    "symmetric_kl": "FKL+RKL",
+    "js": "JSD",
+    "tvd": "TVD",
+    "skew_kl": "SKL",
+    "skew_reverse_kl": "SRKL",
+    "akl": "AKL",
+    "wasserstein_1d": "W1",
+    "sorted_wasserstein": "sorted W1",
+    "sinkhorn": "Sinkhorn",
+    "sinkhorn_divergence": "Sinkhorn div.",
+    "sinkd": "SinKD",
+}
+
+# Short aliases a reader may type; they map to the registry names above.
+_ALIASES = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "js", "skl": "skew_kl", "srkl": "skew_reverse_kl",
+            "w1": "wasserstein_1d", "wasserstein": "wasserstein_1d"}
+
+_GREEK = {"alpha": "α", "beta": "β", "mu": "μ", "w": "w", "epsilon": "ε", "temperature": "T"}
+
+# PNG resolution: a 7-inch wide figure is ~1000 px, sharp on a README page without being heavy.
+DPI = 144
+
+STYLE: dict[str, object] = {
+    "figure.figsize": (7.0, 3.2),
+    "figure.dpi": 100,
+    "figure.constrained_layout.use": True,
+    "font.family": "DejaVu Sans",  # ships with matplotlib: identical glyphs on every machine
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#e6e6e6",
+    "grid.linewidth": 0.6,
+    "legend.fontsize": 8.5,
+    "legend.frameon": False,
+    "lines.linewidth": 1.6,
+    "lines.markersize": 4,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "savefig.dpi": DPI,
+    "savefig.facecolor": "white",
+    "image.interpolation": "nearest",
+    "svg.hashsalt": "kdiv",
+    "path.simplify": True,
+}
+
+
+def _canonical(name: str) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a string, got {type(name).__name__}")
+    key = _ALIASES.get(name.lower(), name)
+    if key not in COLORS:
+        raise ValueError(f"name must be one of {sorted(COLORS)} (or {sorted(_ALIASES)}), got {name!r}")
+    return key
+
+
+def _split_spec(spec) -> tuple[str, dict]:
+    """A divergence spec is a name or a (name, {hyper: value}) pair, as :func:`kdiv.toy.fit` takes it."""
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict):
+        return spec[0], dict(spec[1])
+    return spec, {}
+
+
+def color(spec) -> str:
+    """The colour of a divergence (registry name, alias such as "fkl", or ``(name, hyper)``), or "teacher"."""
+    name, _ = _split_spec(spec)
+    return COLORS[_canonical(name)]
+
+
+def label(spec, **hyper) -> str:
+    """The short label, with hyper-parameters appended: ``label(("js", {"beta": 0.1}))`` -> ``"JSD (β=0.1)"``."""
+    name, spec_hyper = _split_spec(spec)
+    spec_hyper.update(hyper)
+    text = LABELS[_canonical(name)]
+    if spec_hyper:
+        text += " (" + ", ".join(f"{_GREEK.get(k, k)}={v:g}" for k, v in sorted(spec_hyper.items())) + ")"
+    return text
+
+
+def use_style() -> None:
+    """Apply the collection's rc settings for the rest of the session (call once in a notebook's setup cell)."""
+    mpl.rcParams.update(STYLE)
+
+
+def style():
+    """The collection's rc settings as a context manager: ``with kdiv.plotting.style(): ...``."""
+    return mpl.rc_context(STYLE)
+
+
+def subplots(nrows: int = 1, ncols: int = 1, *, width: float = 7.0, height: float | None = None, **kwargs):
+    """``plt.subplots`` with the collection's style and a README-friendly size (inches; height 2.8 per row)."""
+    import matplotlib.pyplot as plt
+
+    with style():
+        return plt.subplots(nrows, ncols, figsize=(width, height or 2.8 * nrows), squeeze=False, **kwargs)
+
+
+def plot_distribution(ax, x, probs, spec, *, kind: str | None = None, **kwargs):
+    """Draw a distribution over a 1-D support in the colour and label of ``spec``.
+
+    The teacher is a line with small dots (kind="line"); students are open circles (kind="scatter") so both stay
+    visible where they coincide. ``x``, ``probs``: [V] arrays or tensors. Returns the artist (for GIF updates).
+    """
+    x = np.asarray(_numpy(x), dtype=float)
+    probs = np.asarray(_numpy(probs), dtype=float)
+    if x.shape != probs.shape or x.ndim != 1:
+        raise ValueError(f"x and probs must be 1-D of one shape, got {x.shape} and {probs.shape}")
+    name, _ = _split_spec(spec)
+    is_teacher = _canonical(name) == "teacher"
+    kind = kind or ("line" if is_teacher else "scatter")
+    kwargs.setdefault("label", label(spec))
+    c = color(spec)
+    if kind == "line":
+        kwargs.setdefault("zorder", 2)
+        (artist,) = ax.plot(x, probs, "-", color=c, marker="." if is_teacher else None,
+                            markersize=3, linewidth=1.2 if is_teacher else 1.6, **kwargs)
+    elif kind == "scatter":
+        kwargs.setdefault("zorder", 3)
+        kwargs.setdefault("s", 16)
+        artist = ax.scatter(x, probs, facecolors="none", edgecolors=c, linewidths=1.1, **kwargs)
+    elif kind == "bar":
+        artist = ax.bar(x, probs, width=0.8 * float(np.min(np.diff(x))) if x.size > 1 else 0.8, color=c,
+                        alpha=0.35, **kwargs)
+    else:
+        raise ValueError(f"kind must be 'line', 'scatter' or 'bar', got {kind!r}")
+    return artist
+
+
+def legend_outside(fig, *, handles=None, labels=None, loc: str = "outside upper center", ncols: int | None = None):
+    """One legend for the whole figure, outside every panel (needs constrained layout, which the style sets).
+
+    Duplicate labels across panels are shown once. ``loc`` is any matplotlib "outside ..." location.
+    """
+    if handles is None:
+        seen: dict[str, object] = {}
+        for ax in fig.axes:
+            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+                seen.setdefault(lab, h)
+        labels, handles = list(seen), list(seen.values())
+    if not handles:
+        raise ValueError("fig has no labelled artists to put in a legend")
+    return fig.legend(handles, labels, loc=loc, ncols=ncols or min(len(handles), 6))
+
+
+def _numpy(x):
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _find_root(start: Path) -> Path | None:
+    for folder in (start, *start.parents):
+        if (folder / "pyproject.toml").is_file():
+            return folder
+    return None
+
+
+def figures_dir() -> Path:
+    """The repository's ``figures/`` folder (created if missing); ``KDIV_FIGURES`` overrides it."""
+    override = os.environ.get("KDIV_FIGURES")
+    if override:
+        folder = Path(override)
+    else:
+        root = _find_root(Path.cwd().resolve()) or _find_root(Path(__file__).resolve().parent)
+        if root is None:
+            raise ValueError("no pyproject.toml above the working directory or the kdiv package: "
+                             "set KDIV_FIGURES to the folder the figures should go to")
+        folder = root / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _target(name: str, suffix: str) -> Path:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"name must be a plain file name such as 'fr_kl' (letters, digits, _ . -), got {name!r}")
+    stem = name[: -len(suffix)] if name.endswith(suffix) else name
+    return figures_dir() / f"{stem}{suffix}"
+
+
+def savefig(fig, name: str, *, dpi: int = DPI) -> Path:
+    """Write ``figures/<name>.png`` at a fixed dpi with no run-dependent bytes; returns the path.
+
+    The figure stays open (close it with ``plt.close(fig)``). Metadata is cleared so the file does not change with
+    the matplotlib version either.
+    """
+    path = _target(name, ".png")
+    fig.savefig(path, dpi=dpi, facecolor="white", metadata={"Software": None})
+    return path
+
+
+def _draw_changed(fig, changed) -> None:
+    """Draw the changed artists over the background, each axes' artists below the insets that cover them.
+
+    An inset axes is repainted (its patch and static artists) before its own changed artists, so data of the parent
+    axes that moved under the inset stays hidden, as in a full draw.
+    """
+    changed = list(changed)
+    by_axes: dict = {}
+    for a in changed:
+        by_axes.setdefault(a.axes, []).append(a)
+    for ax in fig.axes:
+        if ax in by_axes:
+            for a in by_axes[ax]:
+                fig.draw_artist(a)
+        for inset in ax.child_axes:
+            if inset in by_axes or ax in by_axes:
+                fig.draw_artist(inset)
+                for a in by_axes.get(inset, ()):
+                    fig.draw_artist(a)
+    for a in by_axes.get(None, ()):
+        fig.draw_artist(a)
+
+
+def save_gif(fig, update: Callable[[object], Iterable | None], frames, name: str, *, fps: float = 20,
+             dpi: int = 72, colors: int = 48, loop: int = 0) -> Path:
+    """Write ``figures/<name>.gif`` by updating the artists of one figure, frame by frame.
+
+    ``update(frame)`` changes the data of existing artists (``set_offsets``, ``set_ydata``, ``set_text``...) and
+    returns the artists it changed, as ``FuncAnimation(blit=True)`` expects; those are then redrawn over a cached
+    background, so a frame costs a few milliseconds. If it returns None, the whole figure is redrawn each frame.
+    ``frames``: an int (0..n-1) or an iterable of values passed to ``update``.
+
+    Every frame is mapped to one palette of at most ``colors`` colours, computed by median cut from the first, middle
+    and last frames without dithering, so the file is small and identical on every run. Returns the path.
+    """
+    import imageio.v3 as iio
+    from PIL import Image
+
+    frames = list(range(frames)) if isinstance(frames, int) else list(frames)
+    if not frames:
+        raise ValueError("frames must contain at least one frame")
+    if not 2 <= colors <= 256:
+        raise ValueError(f"colors must be in [2, 256], got {colors}")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    path = _target(name, ".gif")
+
+    old_dpi, old_canvas = fig.dpi, fig.canvas
+    canvas = old_canvas if isinstance(old_canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    fig.set_dpi(dpi)
+    images = []
+    animated: list = []
+    try:
+        changed = update(frames[0])
+        blit = changed is not None
+        if blit:
+            animated = [a for a in changed if not a.get_animated()]
+            for a in animated:
+                a.set_animated(True)
+        canvas.draw()  # the static background (animated artists are skipped by a full draw)
+        background = canvas.copy_from_bbox(fig.bbox) if blit else None
+        for i, frame in enumerate(frames):
+            changed = changed if i == 0 else update(frame)
+            if blit:
+                canvas.restore_region(background)
+                _draw_changed(fig, changed)
+            else:
+                canvas.draw()
+            images.append(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+    finally:
+        for a in animated:
+            a.set_animated(False)
+        fig.set_dpi(old_dpi)
+        if canvas is not old_canvas:
+            fig.set_canvas(old_canvas)
+
+    # One palette for all frames, so colours do not flicker and the file is reproducible.
+    sample = np.concatenate([images[0], images[len(images) // 2], images[-1]], axis=0)
+    palette = Image.fromarray(sample).quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
+                                               dither=Image.Dither.NONE)
+    indexed = np.stack([np.asarray(Image.fromarray(im).quantize(palette=palette, dither=Image.Dither.NONE))
+                        for im in images])
+    rgb_palette = bytes(palette.getpalette()[: 3 * colors])
+    iio.imwrite(path, indexed, plugin="pillow", mode="P", extension=".gif", palette=rgb_palette,
+                duration=round(1000 / fps), loop=loop, optimize=False)
+    return path
