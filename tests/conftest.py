@@ -1,0 +1,41 @@
+"""Shared fixtures: seeded random logits, and one small, deterministic hypothesis profile for the whole suite."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Deterministic examples (no example database, no random seed per run) so that CI sees what a developer saw;
+# a few dozen examples per property keep the suite to seconds on a small CPU.
+settings.register_profile(
+    "kdiv",
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("kdiv")
+
+
+def random_logits(shape, *, seed=0, scale=2.0, dtype=torch.float32):
+    """(student, teacher): two independent Gaussian logit tensors of `shape` [..., V], times `scale`."""
+    rng = np.random.default_rng(seed)
+    s = torch.from_numpy(scale * rng.standard_normal(shape)).to(dtype)
+    t = torch.from_numpy(scale * rng.standard_normal(shape)).to(dtype)
+    return s, t
+
+
+@pytest.fixture
+def logits():
+    """Factory for seeded (student, teacher) logits: ``logits((3, 7, 1271), dtype=torch.float64)``."""
+    return random_logits
+
+
+@pytest.fixture
+def small_pair():
+    """float64 (student, teacher) of shape (2, 3, 6): small enough for finite differences."""
+    return random_logits((2, 3, 6), seed=1, dtype=torch.float64)
+

@@ -1,0 +1,187 @@
+r"""Plain float64 numpy / scipy formulas for the token-level divergences, written a second time.
+
+Nothing here imports kdiv: these are the independent computations the library is checked against. They favour
+the obvious formula over speed (probabilities, ``scipy.special.rel_entr``, an explicit head set for AKL).
+
+Conventions shared with kdiv's documentation (not its code):
+
+- q = softmax(student / T) is the student, p = softmax(teacher / T) the teacher, over the last axis.
+- A ``-inf`` logit (a token outside a model's vocabulary) has probability exactly 0, and its log-probability is
+  taken as log of the smallest normal float32, so its probability is used as that number (about 1.2e-38).
+  A probability that merely underflows in float64 is left as 0; the formulas may then be +inf, and the tests
+  compare only where the reference is finite.
+
+Every divergence is ``fn(student, teacher, *, temperature=1.0, **hyper) -> per-token array`` of shape [...]
+for logits [..., V]; ``DIVERGENCES`` maps the library's names to them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import log_softmax, rel_entr
+
+# log of the smallest positive normal float32, 2**-126, written from the IEEE format rather than read from kdiv
+FLOAT32_TINY = np.float64(np.finfo(np.float32).tiny)
+LOG_ZERO_PROB = float(np.log(FLOAT32_TINY))
+assert FLOAT32_TINY == 2.0**-126
+
+
+def log_softmax_t(logits, temperature=1.0):
+    """log softmax(logits / T) in float64, with the -inf convention above. Shapes: [..., V] -> [..., V]."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    out = log_softmax(z, axis=-1)
+    return np.where(np.isneginf(z), LOG_ZERO_PROB, out)
+
+
+def softmax_t(logits, temperature=1.0):
+    """softmax(logits / T) in float64; a -inf logit gets probability FLOAT32_TINY (see the module docstring)."""
+    return np.exp(log_softmax_t(logits, temperature))
+
+
+def _pq(student, teacher, temperature):
+    return softmax_t(student, temperature), softmax_t(teacher, temperature)
+
+
+def forward_kl(student, teacher, *, temperature=1.0):
+    """KL(p || q)."""
+    q, p = _pq(student, teacher, temperature)
+    return rel_entr(p, q).sum(-1)
+
+
+def reverse_kl(student, teacher, *, temperature=1.0):
+    """KL(q || p)."""
+    q, p = _pq(student, teacher, temperature)
+    return rel_entr(q, p).sum(-1)
+
+
+def symmetric_kl(student, teacher, *, w=0.5, temperature=1.0):
+    """(1 - w) KL(p || q) + w KL(q || p)."""
+    q, p = _pq(student, teacher, temperature)
+    return (1 - w) * rel_entr(p, q).sum(-1) + w * rel_entr(q, p).sum(-1)
+
+
+def js(student, teacher, *, beta=0.5, temperature=1.0):
+    """Generalized JSD, GKD / TRL convention: beta=0 -> KL(p||q), beta=1 -> KL(q||p), else the mixture form."""
+    q, p = _pq(student, teacher, temperature)
+    if beta == 0:
+        return rel_entr(p, q).sum(-1)
+    if beta == 1:
+        return rel_entr(q, p).sum(-1)
+    m = beta * p + (1 - beta) * q
+    return beta * rel_entr(p, m).sum(-1) + (1 - beta) * rel_entr(q, m).sum(-1)
+
+
+def tvd(student, teacher, *, temperature=1.0):
+    """1/2 sum |p - q|."""
+    q, p = _pq(student, teacher, temperature)
+    return 0.5 * np.abs(p - q).sum(-1)
+
+
+def skew_kl(student, teacher, *, alpha=0.1, temperature=1.0):
+    """KL(p || alpha p + (1 - alpha) q)."""
+    q, p = _pq(student, teacher, temperature)
+    return rel_entr(p, alpha * p + (1 - alpha) * q).sum(-1)
+
+
+def skew_reverse_kl(student, teacher, *, alpha=0.1, temperature=1.0):
+    """KL(q || alpha q + (1 - alpha) p)."""
+    q, p = _pq(student, teacher, temperature)
+    return rel_entr(q, alpha * q + (1 - alpha) * p).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AKL
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def mass_at_or_above(p):
+    """For every token j, the total teacher mass of the tokens at least as probable as j. Shapes: [..., V]."""
+    p = np.asarray(p, dtype=np.float64)
+    flat = p.reshape(-1, p.shape[-1])
+    out = np.empty_like(flat)
+    for i, row in enumerate(flat):
+        ascending = np.sort(row)
+        # suffix[k] = sum(ascending[k:]); a token's mass starts at the first entry equal to it
+        suffix = np.concatenate([np.cumsum(ascending[::-1])[::-1], [0.0]])
+        out[i] = suffix[np.searchsorted(ascending, row, side="left")]
+    return out.reshape(p.shape)
+
+
+def head_set(p, mu):
+    """Bool [..., V]: token j is in the head when its mass at-or-above is <= mu, or it is a most probable token."""
+    p = np.asarray(p, dtype=np.float64)
+    return (mass_at_or_above(p) <= mu) | (p == p.max(-1, keepdims=True))
+
+
+def head_margin(p, mu):
+    """How far the closest tie group's mass is from mu, per row: a tiny margin means rounding can move the split."""
+    return np.abs(mass_at_or_above(p) - mu).min(-1)
+
+
+def head_tail_error(q, p, mu):
+    """(g_head, g_tail): summed |p - q| over the teacher's head and over its tail. Shapes: [..., V] -> [...]."""
+    head = head_set(p, mu)
+    err = np.abs(np.asarray(p, dtype=np.float64) - np.asarray(q, dtype=np.float64))
+    return (err * head).sum(-1), (err * ~head).sum(-1)
+
+
+def akl_weights(student, teacher, *, mu=0.5, temperature=1.0):
+    """(head weight, tail weight) per token: g_head / (g_head + g_tail) and its complement; 1/2 each if p == q."""
+    q, p = _pq(student, teacher, temperature)
+    g_head, g_tail = head_tail_error(q, p, mu)
+    total = g_head + g_tail
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w_head = np.where(total == 0, 0.5, g_head / total)
+    return w_head, 1 - w_head
+
+
+def akl(student, teacher, *, mu=0.5, temperature=1.0):
+    """Adaptive KL (Wu et al., arXiv 2404.02657): w_head KL(p||q) + w_tail KL(q||p)."""
+    w_head, w_tail = akl_weights(student, teacher, mu=mu, temperature=temperature)
+    q, p = _pq(student, teacher, temperature)
+    fkl = rel_entr(p, q).sum(-1)
+    rkl = rel_entr(q, p).sum(-1)
+    # a zero weight times an infinite KL is 0 here: that KL does not enter the loss
+    return np.where(w_head == 0, 0.0, w_head * fkl) + np.where(w_tail == 0, 0.0, w_tail * rkl)
+
+
+DIVERGENCES = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "symmetric_kl": symmetric_kl,
+    "js": js,
+    "tvd": tvd,
+    "skew_kl": skew_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "akl": akl,
+}
+
+# hyper-parameter name and a few values to try, per divergence (the defaults are tried separately)
+HYPER = {
+    "symmetric_kl": ("w", [0.0, 0.3, 1.0]),
+    "js": ("beta", [0.0, 0.1, 0.9, 1.0]),
+    "skew_kl": ("alpha", [0.0, 0.5, 1.0]),
+    "skew_reverse_kl": ("alpha", [0.0, 0.5, 1.0]),
+    "akl": ("mu", [0.1, 0.9]),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reductions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reduce(per_token, mask=None, reduction="mean"):
+    """Masked reduction of a per-token array [...]: "none" (0 where masked), "sum", or "mean" over counted tokens
+    (0 when none counts)."""
+    per_token = np.asarray(per_token, dtype=np.float64)
+    keep = np.ones(per_token.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    masked = np.where(keep, per_token, 0.0)
+    if reduction == "none":
+        return masked
+    if reduction == "sum":
+        return masked.sum()
+    if reduction == "mean":
+        n = keep.sum()
+        return masked.sum() / n if n else 0.0
+    raise ValueError(f"reduction {reduction!r}")
