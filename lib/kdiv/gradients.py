@@ -12,7 +12,7 @@ tests can hold them against autograd through :mod:`kdiv.divergences`:
   - js (beta)        ``(1-beta) log(q/m)``, m = beta p + (1-beta) q  (the terms through m cancel)
   - tvd              ``-1[q < p]``                                 bounded; 0 once q >= p (see below)
   - skew_kl (alpha)  ``-(1-alpha) p/m``, m = alpha p + (1-alpha) q   ``|g| <= (1-alpha)/alpha``
-  - skew_reverse_kl  ``log(q/m) + 1 - alpha q/m``, m = alpha q + (1-alpha) p;  ``g <= 1 + log(1/alpha)``
+  - skew_reverse_kl  ``log(q/m) + 1 - alpha q/m``, m = alpha q + (1-alpha) p;  ``g <= log(1/alpha)``
   - symmetric_kl (w) ``(1-w) g_FKL + w g_RKL``
   - akl (mu)         ``w_head g_FKL + w_tail g_RKL``, the weights held fixed (they carry no gradient)
 
@@ -58,7 +58,8 @@ def _js(q, p, *, beta=0.5):
 
 
 def _tvd(q, p):
-    return -(q < p).to(q.dtype)
+    # torch.where, not -(q < p): a negated 0 would print as -0.0
+    return torch.where(q < p, -1.0, 0.0).to(q.dtype)
 
 
 def _skew_kl(q, p, *, alpha=0.1):
