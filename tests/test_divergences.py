@@ -442,6 +442,45 @@ def test_masked_tokens_get_no_gradient(name):
     assert (x.grad[mask].abs().sum(-1) > 0).all()
 
 
+# KNOWN BUG (reported, not fixed here): the custom autograd Function in kdiv.chunked returns a gradient computed
+# in forward, with no graph back to the student logits. With create_graph=True (gradient penalties, Hessian-vector
+# products) the divergence's second-order term is then silently dropped whenever another term of the loss does
+# have a graph. Either an error (e.g. torch.autograd.function.once_differentiable) or the right answer passes.
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason="double backward drops the second-order term")
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl"])
+def test_double_backward_is_right_or_refused(name):
+    s, t = random_logits((3, 5), seed=40, dtype=torch.float64)
+    x = s.clone().requires_grad_()
+
+    def total(fn):
+        return fn(x, t) + 0.01 * (x**3).sum()
+
+    def plain(z, y):  # the same divergence in plain autograd
+        logq, logp = torch.log_softmax(z, -1), torch.log_softmax(y, -1)
+        kl = logp.exp() * (logp - logq) if name == "forward_kl" else logq.exp() * (logq - logp)
+        return kl.sum(-1).mean()
+
+    (g_ref,) = torch.autograd.grad(total(plain), x, create_graph=True)
+    (h_ref,) = torch.autograd.grad(g_ref.pow(2).sum(), x)
+    try:
+        (g,) = torch.autograd.grad(total(kdiv.get(name)), x, create_graph=True)
+        (h,) = torch.autograd.grad(g.pow(2).sum(), x)
+    except RuntimeError:
+        return
+    torch.testing.assert_close(h, h_ref)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_batch(name):
+    for shape in [(0, 5), (2, 0, 5)]:
+        x = torch.zeros(shape, requires_grad=True)
+        fn = kdiv.get(name)
+        assert fn(x, torch.zeros(shape), reduction="none").shape == shape[:-1]
+        loss = fn(x, torch.zeros(shape))
+        loss.backward()
+        assert loss.item() == 0.0 and x.grad.shape == shape
+
+
 def test_no_grad_mode_and_detached_student():
     s, t = random_logits((3, 9), seed=37)
     x = s.clone().requires_grad_()
