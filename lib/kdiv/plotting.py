@@ -268,7 +268,8 @@ def savefig(fig, name: str, *, dpi: int = DPI) -> Path:
     the matplotlib version either.
     """
     path = _target(name, ".png")
-    fig.savefig(path, dpi=dpi, facecolor="white", metadata={"Software": None})
+    with style():  # the file must not depend on rc changes made after the figure was built
+        fig.savefig(path, dpi=dpi, facecolor="white", metadata={"Software": None})
     return path
 
 
@@ -319,6 +320,23 @@ def save_gif(fig, update: Callable[[object], Iterable | None], frames, name: str
         raise ValueError(f"fps must be positive, got {fps}")
     path = _target(name, ".gif")
 
+    with style():
+        images = _render_frames(fig, update, frames, dpi)
+
+    # One palette for all frames, so colours do not flicker and the file is reproducible.
+    sample = np.concatenate([images[0], images[len(images) // 2], images[-1]], axis=0)
+    palette = Image.fromarray(sample).quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
+                                               dither=Image.Dither.NONE)
+    indexed = np.stack([np.asarray(Image.fromarray(im).quantize(palette=palette, dither=Image.Dither.NONE))
+                        for im in images])
+    rgb_palette = bytes(palette.getpalette()[: 3 * colors])
+    iio.imwrite(path, indexed, plugin="pillow", mode="P", extension=".gif", palette=rgb_palette,
+                duration=round(1000 / fps), loop=loop, optimize=False)
+    return path
+
+
+def _render_frames(fig, update, frames: list, dpi: int) -> list[np.ndarray]:
+    """RGB [H, W, 3] uint8 per frame; blitting when ``update`` returns the artists it changed."""
     old_dpi, old_canvas = fig.dpi, fig.canvas
     canvas = old_canvas if isinstance(old_canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     fig.set_dpi(dpi)
@@ -327,6 +345,7 @@ def save_gif(fig, update: Callable[[object], Iterable | None], frames, name: str
     try:
         changed = update(frames[0])
         blit = changed is not None
+        changed = list(changed) if blit else None
         if blit:
             animated = [a for a in changed if not a.get_animated()]
             for a in animated:
@@ -347,14 +366,4 @@ def save_gif(fig, update: Callable[[object], Iterable | None], frames, name: str
         fig.set_dpi(old_dpi)
         if canvas is not old_canvas:
             fig.set_canvas(old_canvas)
-
-    # One palette for all frames, so colours do not flicker and the file is reproducible.
-    sample = np.concatenate([images[0], images[len(images) // 2], images[-1]], axis=0)
-    palette = Image.fromarray(sample).quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
-                                               dither=Image.Dither.NONE)
-    indexed = np.stack([np.asarray(Image.fromarray(im).quantize(palette=palette, dither=Image.Dither.NONE))
-                        for im in images])
-    rgb_palette = bytes(palette.getpalette()[: 3 * colors])
-    iio.imwrite(path, indexed, plugin="pillow", mode="P", extension=".gif", palette=rgb_palette,
-                duration=round(1000 / fps), loop=loop, optimize=False)
-    return path
+    return images
