@@ -17,6 +17,16 @@ from .divergences import (
 )
 from .headtail import head_mask, head_tail_error, head_threshold
 from .registry import DIVERGENCES, TOKEN_LEVEL, get, hyperparameters
+from .transport import (
+    sinkd,
+    sinkhorn,
+    sinkhorn_divergence,
+    sinkhorn_plan,
+    sorted_wasserstein,
+    sorted_wasserstein_probs,
+    wasserstein_1d,
+    wasserstein_1d_probs,
+)
 
 __version__ = "0.1.0"
 
@@ -33,8 +43,16 @@ __all__ = [
     "js",
     "mask_from_labels",
     "reverse_kl",
+    "sinkd",
+    "sinkhorn",
+    "sinkhorn_divergence",
+    "sinkhorn_plan",
     "skew_kl",
     "skew_reverse_kl",
+    "sorted_wasserstein",
+    "sorted_wasserstein_probs",
     "symmetric_kl",
     "tvd",
+    "wasserstein_1d",
+    "wasserstein_1d_probs",
 ]
