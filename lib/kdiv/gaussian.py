@@ -113,6 +113,12 @@ class GaussianFit:
             raise ValueError(f"key must be one of {list(self.keys)}, got {key!r}")
         return self.keys.index(key)
 
+    def tvd(self, step: int = -1) -> torch.Tensor:
+        """Total variation between the discretised student and teacher on the grid, [D, S], after ``step`` updates."""
+        logq = gaussian_log_density(self.x, self.mean[..., step], self.std[..., step])
+        q = torch.softmax(logq, dim=-1)
+        return 0.5 * (q - self.teacher.probs).abs().sum(-1)
+
     def density(self, key: str, init: int = 0, step: int = -1) -> torch.Tensor:
         """The fitted student's density N(x; mean, std^2) on the grid [V] (a density, not renormalised)."""
         d = self.index(key)

@@ -40,6 +40,7 @@ __all__ = [
     "Component",
     "Teacher",
     "FitResult",
+    "Adam",
     "mixture_teacher",
     "bimodal_teacher",
     "unimodal_teacher",
@@ -200,13 +201,49 @@ def resolve_divergence(spec, *, temperature: float = 1.0) -> tuple[str, Callable
     return key, lambda s, t: fn(s, t, reduction="none", temperature=temperature)
 
 
-def make_optimizer(optimizer, param_groups: list[dict]) -> torch.optim.Optimizer:
-    """``"adam"`` (torch defaults: betas (0.9, 0.999), eps 1e-8), ``"sgd"``, or a callable ``param_groups ->
-    torch.optim.Optimizer``. Each group holds its own ``lr``."""
+class Adam:
+    """Adam with torch's defaults (betas (0.9, 0.999), eps 1e-8, no weight decay), the same arithmetic as
+    ``torch.optim.Adam`` on CPU, written out.
+
+    Why not ``torch.optim.Adam`` itself: constructing any torch.optim optimizer imports ``torch._dynamo``, about 2 s
+    on a 2-core machine, more than a whole toy fit. ``tests/test_toy.py`` checks that both give the same iterates.
+    Every element is updated independently of every other, which is what makes :func:`fit`'s rows independent.
+    """
+
+    def __init__(self, param_groups: list[dict], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.param_groups = [{"params": list(g["params"]), "lr": float(g["lr"])} for g in param_groups]
+        self.betas, self.eps = betas, eps
+        self.state: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        beta1, beta2 = self.betas
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                exp_avg, exp_avg_sq, t = self.state.get(id(p), (torch.zeros_like(p), torch.zeros_like(p), 0))
+                t += 1
+                self.state[id(p)] = (exp_avg, exp_avg_sq, t)
+                exp_avg.lerp_(p.grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                step_size = group["lr"] / (1 - beta1 ** t)
+                denom = (exp_avg_sq.sqrt() / (1 - beta2 ** t) ** 0.5).add_(self.eps)
+                p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def make_optimizer(optimizer, param_groups: list[dict]):
+    """``"adam"`` (:class:`Adam`, torch's defaults), ``"sgd"`` (``torch.optim.SGD``), or a callable
+    ``param_groups -> optimizer`` (e.g. ``lambda g: torch.optim.RMSprop(g)``). Each group holds its own ``lr``."""
     if callable(optimizer):
         return optimizer(param_groups)
     if optimizer == "adam":
-        return torch.optim.Adam(param_groups)
+        return Adam(param_groups)
     if optimizer == "sgd":
         return torch.optim.SGD(param_groups)
     raise ValueError(f"optimizer must be 'adam', 'sgd' or a callable, got {optimizer!r}")
@@ -313,7 +350,7 @@ def fit(teacher: Teacher, divergences, steps: int = 200, lr=0.1, *, seeds=0, ini
         seeds: an int or a sequence of S seeds for :func:`init_logits`; every divergence and learning rate starts
             from the same logits for a given seed.
         init: optional initial logits [V] or [S, V] instead of seeds.
-        optimizer: "adam" (default), "sgd", or a callable ``param_groups -> torch.optim.Optimizer``.
+        optimizer: "adam" (default, :class:`Adam`), "sgd", or a callable ``param_groups -> optimizer``.
         record: the steps at which to store the student (default: every step 0..T).
         temperature: passed to the divergences.
 
