@@ -105,7 +105,9 @@ def _probs_from_logits(student_logits, teacher_logits, temperature, mask):
                 raise ValueError(f"{name} has a counted token whose logits are all -inf")
         if mask is not None:
             z = torch.where(mask.unsqueeze(-1), z, 0)
-        out.append(torch.softmax(z, dim=-1))
+        # exp(z - logsumexp z) rather than torch.softmax, whose CPU kernel is parallel even for tiny inputs and
+        # can take milliseconds per call on a busy machine
+        out.append((z - torch.logsumexp(z, dim=-1, keepdim=True)).exp())
     return out[0], out[1], mask
 
 
@@ -283,7 +285,8 @@ def sinkhorn_plan(a, b, cost, *, epsilon=0.1, max_iter=1000, tol=1e-6):
     :math:`e^{-C/\varepsilon}` is formed). The entropy term :math:`\sum \Gamma \log \Gamma` of POT gives the same
     plan. Iterations stop after ``max_iter`` or once the row marginals are within ``tol`` in L1 (checked every
     10 iterations; ``tol=0`` runs exactly ``max_iter``); the column marginals are exact after every iteration.
-    Small epsilon needs more iterations (about :math:`\max C / \varepsilon`). Gradients flow through the
+    Small epsilon needs more iterations (about :math:`\max C / \varepsilon`), and more still in float32, whose
+    potentials (of size :math:`\max C / \varepsilon`) lose precision. Gradients flow through the
     iterations by autograd (memory: a few [..., n, m] tensors per iteration when gradients are needed).
 
     Shapes: a [..., n], b [..., m] (each sums to 1); cost [n, m] or [..., n, m] (leading dims broadcast);
