@@ -1,14 +1,28 @@
 """Chunked forward + backward for token-level divergences on [tokens, vocab] logits.
 
-Every token-level divergence in :mod:`kdiv.divergences` is a *row kernel*: given one chunk of student and teacher
-log-probabilities (compute dtype, already divided by the temperature) it returns the per-row loss and, when asked,
-the gradient with respect to the chunk's scaled student logits, in closed form. :class:`_ChunkedRowLoss` runs the
-kernel over chunks of rows and writes the gradient chunk by chunk into one preallocated tensor of the student's
-shape and dtype, so nothing of size [N, V] is allocated beyond that gradient: the fp32 temporaries (and the fp32
-upcast of bf16/fp16 inputs) live only for one chunk.
+Every token-level divergence in :mod:`kdiv.divergences` is a *row kernel*: given one chunk of rows (a
+:class:`Chunk`: both scaled logits, both softmaxes, their log-normalisers, scratch space) it returns the per-row
+loss and, when the student needs a gradient, writes the gradient with respect to the chunk's student logits, in
+closed form. :class:`_ChunkedRowLoss` runs the kernel over chunks of rows and writes the gradient chunk by chunk
+into one tensor of the student's shape and dtype, so nothing of size [N, V] is allocated beyond that gradient: the
+fp32 temporaries (and the fp32 upcast of bf16/fp16 inputs) live in a few chunk-sized buffers that every chunk
+reuses.
 
-The gradient is computed during the forward pass (as Liger-Kernel does) and scaled by the incoming per-row
-gradient in backward. Teacher logits never receive a gradient.
+The gradient is computed during the forward pass (as Liger-Kernel does), already multiplied by the reduction's
+weight (1/T, and 1/count for ``"mean"``), so that backward has nothing left to do for the usual ``loss.backward()``.
+Teacher logits never receive a gradient.
+
+Two paths per row. The *fast path* works on the logits themselves (log q = z_s - logsumexp(z_s) is never
+materialised; sums like sum_v q_v log q_v are taken as dot products with the logits plus a per-row constant). A
+``-inf`` logit makes such a row's loss NaN or inf; those rows, and only those, are computed again on the *floored
+path*, which first replaces the logits by their log-probabilities with ``-inf`` raised to :data:`LOG_FLOOR`.
+Counted rows only are computed: rows the mask drops are skipped, with loss 0 and gradient 0.
+
+Performance notes (measured on a 2-core CPU; see the README's Performance section and ``bench/``):
+the probabilities come from torch's fused softmax (one exp per element); log-normalisers from two row maxima,
+``lse = max(z) - log(max(softmax(z)))``, instead of a second exp pass; elementwise work runs in place on the
+chunk buffers; a chunk of about :data:`CHUNK_ELEMENTS` elements is large enough for torch's intra-op threads and
+small enough to stay in the CPU cache.
 """
 
 from __future__ import annotations
@@ -24,8 +38,13 @@ from ._checks import check_logits, check_mask, check_positive, check_positive_in
 # free of NaN, when one model masks a token the other does not (where exact KL(q||p) would be +inf).
 LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # -87.34
 
-# Target size of one chunk, in elements: a few fp32 temporaries of this size stay in cache-sized memory.
-CHUNK_ELEMENTS = 1 << 16
+# Target size of one chunk, in elements (rows x vocab). Tuned on a 2-core CPU (bench/chunk_size.py): a few fp32
+# buffers of this size stay in the L2/L3 cache, and each torch op on them is long enough that the Python overhead
+# per op (a few microseconds) and the intra-op threads' start-up stay small.
+CHUNK_ELEMENTS = 1 << 18
+
+# Scratch buffers a kernel may ask for with Chunk.scratch(i), i < MAX_SCRATCH.
+MAX_SCRATCH = 3
 
 
 def auto_chunk_rows(n_rows: int, vocab: int) -> int:
@@ -47,63 +66,199 @@ def log_probs(logits: torch.Tensor, temperature: float, dtype: torch.dtype):
     return logp, lse.squeeze(-1)
 
 
-def _chunked_pass(student, teacher, counted, kernel, hyper, temperature, chunk_rows, want_grad, status):
-    """Per-row loss [N] and, if `want_grad`, the gradient [N, V] (student's dtype), one chunk of rows at a time.
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a[i, v] * b[i, v] for [n, V] tensors: [n]."""
+    return torch.linalg.vecdot(a, b)
 
-    `status` [4] bool collects, without a host sync per chunk: student NaN/+inf, teacher NaN/+inf, student row all
-    -inf, teacher row all -inf (counted rows only).
+
+class Chunk:
+    """One chunk of n rows as a row kernel sees it (compute dtype throughout).
+
+    ``zs``, ``zt`` [n, V]: student and teacher logits divided by the temperature; ``q``, ``p`` [n, V]: their
+    softmaxes; ``lse_s``, ``lse_t`` [n, 1]: their logsumexp (computed on first use), so that
+    ``log q = zs - lse_s``; ``grad`` [n, V] or None: where the kernel writes ``scale * d loss / d zs`` (None when
+    the student needs no gradient); ``scratch(i)`` [n, V]: buffers the kernel may overwrite.
     """
-    n_rows = student.shape[0]
-    dtype = _compute_dtype(student, teacher)
-    loss = torch.zeros(n_rows, dtype=dtype, device=student.device)
-    grad = torch.empty_like(student, memory_format=torch.contiguous_format) if want_grad else None
-    for start in range(0, n_rows, chunk_rows):
-        stop = min(start + chunk_rows, n_rows)
-        logq, lse_s = log_probs(student[start:stop], temperature, dtype)
-        logp, lse_t = log_probs(teacher[start:stop], temperature, dtype)
-        rows_loss, dz = kernel(logq, logp, want_grad, **hyper)
-        keep = None if counted is None else counted[start:stop]
-        for k, lse in ((0, lse_s), (1, lse_t)):
-            bad_value = torch.isnan(lse) | (lse == math.inf)
-            bad_empty = lse == -math.inf
-            if keep is not None:
-                bad_value, bad_empty = bad_value & keep, bad_empty & keep
-            status[k] |= bad_value.any()
-            status[k + 2] |= bad_empty.any()
-        loss[start:stop] = rows_loss if keep is None else torch.where(keep, rows_loss, 0)
+
+    __slots__ = ("zs", "zt", "q", "p", "ms", "mt", "grad", "scale", "_scratch", "_lse_s", "_lse_t")
+
+    def __init__(self, zs, zt, q, p, ms, mt, grad, scale, scratch):
+        self.zs, self.zt, self.q, self.p, self.ms, self.mt = zs, zt, q, p, ms, mt
+        self.grad, self.scale, self._scratch = grad, scale, scratch
+        self._lse_s = self._lse_t = None
+
+    @property
+    def lse_s(self) -> torch.Tensor:
+        if self._lse_s is None:
+            # max(softmax) = exp(max(z) - lse): a reduction instead of a second exp pass over the row
+            self._lse_s = (self.ms - self.q.amax(-1).log_()).unsqueeze(-1)
+        return self._lse_s
+
+    @property
+    def lse_t(self) -> torch.Tensor:
+        if self._lse_t is None:
+            self._lse_t = (self.mt - self.p.amax(-1).log_()).unsqueeze(-1)
+        return self._lse_t
+
+    def scratch(self, i: int) -> torch.Tensor:
+        return self._scratch[i]
+
+
+def _row_blocks(n_rows: int, rows: torch.Tensor | None, chunk_rows: int):
+    """Blocks of rows to compute: a slice where the rows are consecutive, else an index tensor."""
+    if rows is None:
+        for start in range(0, n_rows, chunk_rows):
+            yield slice(start, min(start + chunk_rows, n_rows))
+        return
+    listed = rows.tolist()
+    for start in range(0, len(listed), chunk_rows):
+        block = listed[start:start + chunk_rows]
+        if block[-1] - block[0] == len(block) - 1:
+            yield slice(block[0], block[-1] + 1)
+        else:
+            yield rows[start:start + chunk_rows]
+
+
+class _Engine:
+    """Runs one kernel over blocks of rows, with one set of chunk buffers reused by every block."""
+
+    def __init__(self, student, teacher, kernel, hyper, temperature, chunk_rows, n_buffer_rows, want_grad, scale):
+        self.student, self.teacher, self.kernel, self.hyper = student, teacher, kernel, hyper
+        self.temperature, self.want_grad, self.scale = temperature, want_grad, scale
+        self.dtype = _compute_dtype(student, teacher)
+        vocab = student.shape[1]
+        rows = max(1, min(chunk_rows, n_buffer_rows))
+        # q, p, the kernel's scratch, the two scaled logits (when they cannot be views of the inputs), the gradient
+        # block (when it cannot be written in place): one allocation, reused by every block
+        self.pool = torch.empty(5 + MAX_SCRATCH, rows, vocab, dtype=self.dtype, device=student.device)
+        self.grad = None
         if want_grad:
-            if keep is not None:
-                dz = torch.where(keep.unsqueeze(-1), dz, 0)
-            if temperature != 1.0:
-                dz = dz / temperature
-            grad[start:stop] = dz
-    return loss, grad
+            self.grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+    def _logits(self, x, block, buf, floored):
+        """x[block] as compute-dtype logits / T: a view of x when nothing needs converting, else in `buf`."""
+        if isinstance(block, slice):
+            src = x[block]
+            if src.dtype == self.dtype and self.temperature == 1.0 and not floored:
+                return src
+            buf.copy_(src)
+        elif x.dtype == self.dtype:
+            torch.index_select(x, 0, block, out=buf)
+        else:
+            buf.copy_(x.index_select(0, block))
+        if self.temperature != 1.0:
+            buf.div_(self.temperature)
+        if floored:
+            # log-probabilities with -inf raised to LOG_FLOOR, used as logits: softmax gives the probabilities
+            # back (a floored token gets probability float32 tiny) and every log term stays finite
+            buf.copy_(torch.log_softmax(buf, -1).nan_to_num_(nan=0.0, posinf=0.0, neginf=LOG_FLOOR))
+        return buf
+
+    def run_block(self, block, loss, maxima, floored=False):
+        """Loss of the rows `block` (a slice or an index tensor) into loss[block], gradient into self.grad."""
+        n = (block.stop - block.start) if isinstance(block, slice) else block.numel()
+        pool = self.pool[:, :n]
+        zs = self._logits(self.student, block, pool[4], floored)
+        zt = self._logits(self.teacher, block, pool[5], floored)
+        q, p = pool[0], pool[1]
+        torch.ops.aten._softmax.out(zs, -1, False, out=q)
+        torch.ops.aten._softmax.out(zt, -1, False, out=p)
+        ms, mt = zs.amax(-1), zt.amax(-1)
+        grad, direct = None, False
+        if self.want_grad:
+            # fp32 gradient rows that are consecutive are written in place; others go through a buffer
+            direct = isinstance(block, slice) and self.grad.dtype == self.dtype
+            grad = self.grad[block] if direct else pool[6]
+        chunk = Chunk(zs, zt, q, p, ms, mt, grad, self.scale, pool[2:2 + MAX_SCRATCH])
+        loss[block] = self.kernel(chunk, **self.hyper)
+        if floored and grad is not None:
+            # The kernel differentiated with respect to the floored log-probabilities as if they were free logits.
+            # A floored entry is a constant, and the others are z - logsumexp(z) with the floored tokens out of
+            # the sum: chain rule, grad_w = g_w - q_w * sum_{u not floored} g_u = g_w + q_w * sum_{v floored} g_v
+            # (g sums to 0 over the row), and 0 at the floored tokens.
+            floor = torch.isneginf(self.student[block]).to(self.dtype)
+            torch.addcmul(grad, q, rowdot(grad, floor).unsqueeze(-1), out=grad)
+            grad.mul_(floor.sub_(1).neg_())
+        if maxima is not None:
+            maxima[0][block] = ms
+            maxima[1][block] = mt
+        if grad is not None and not direct:
+            if isinstance(block, slice):
+                self.grad[block] = grad
+            else:
+                self.grad.index_copy_(0, block, grad.to(self.grad.dtype))
+
+
+def _chunked_pass(student, teacher, counted, kernel, hyper, temperature, chunk_rows, want_grad, scale):
+    """Per-row loss [N] (compute dtype, 0 where not counted) and, if `want_grad`, the gradient [N, V] (student's
+    dtype) times `scale`, one block of rows at a time. Raises ValueError on NaN/+inf or all -inf counted rows."""
+    n_rows = student.shape[0]
+    rows = None
+    if counted is not None and not bool(counted.all()):
+        rows = counted.nonzero().squeeze(1)
+    n_work = n_rows if rows is None else rows.numel()
+    engine = _Engine(student, teacher, kernel, hyper, temperature, chunk_rows, n_work, want_grad, scale)
+    dtype = engine.dtype
+    loss = torch.zeros(n_rows, dtype=dtype, device=student.device)
+    # row maxima of both logits: NaN/+inf and all -inf rows show there, checked once at the end
+    maxima = torch.zeros(2, n_rows, dtype=dtype, device=student.device)
+    if engine.grad is not None and rows is not None:
+        engine.grad.index_fill_(0, (~counted).nonzero().squeeze(1), 0)
+    for block in _row_blocks(n_rows, rows, chunk_rows):
+        engine.run_block(block, loss, maxima)
+
+    for k, name in enumerate(("student_logits", "teacher_logits")):
+        m = maxima[k]
+        if bool((torch.isnan(m) | (m == math.inf)).any()):
+            raise ValueError(f"{name} contains NaN or +inf")
+        if bool((m == -math.inf).any()):
+            raise ValueError(f"{name} has a counted token whose logits are all -inf")
+
+    # rows whose fast-path loss is not finite hold a -inf logit: compute them again on the floored path
+    bad = ~torch.isfinite(loss)
+    if bool(bad.any()):
+        bad_rows = bad.nonzero().squeeze(1)
+        for block in _row_blocks(n_rows, bad_rows, chunk_rows):
+            engine.run_block(block, loss, None, floored=True)
+    return loss, engine.grad
 
 
 class _ChunkedRowLoss(torch.autograd.Function):
-    """Per-row loss [N] of a row kernel over logits [N, V]; gradient with respect to the student only."""
+    """The reduced loss ([] for "mean"/"sum", [N] for "none") of a row kernel over logits [N, V]; gradient with
+    respect to the student only."""
 
     @staticmethod
-    def forward(ctx, student, teacher, counted, kernel, hyper, temperature, chunk_rows, status):
+    def forward(ctx, student, teacher, counted, kernel, hyper, temperature, chunk_rows, reduction):
         want_grad = ctx.needs_input_grad[0]
+        n_counted = student.shape[0] if counted is None else int(counted.sum())
+        # the gradient of the reduced loss, already weighted, so that a plain loss.backward() only hands it on
+        weight = 1.0 / max(n_counted, 1) if reduction == "mean" else 1.0
+        scale = weight / temperature
         loss, grad = _chunked_pass(student, teacher, counted, kernel, hyper, temperature, chunk_rows, want_grad,
-                                   status)
-        # The gradient is kept as an attribute, not through save_for_backward, so that backward can scale it in
-        # place: no second [N, V] tensor. A further backward (retain_graph=True, gradcheck) recomputes it.
+                                   scale)
+        # The gradient is kept as an attribute, not through save_for_backward, so that backward can hand it on (or
+        # scale it in place): no second [N, V] tensor. A further backward (retain_graph=True) recomputes it.
         ctx.grad = grad
         ctx.save_for_backward(student, teacher, counted)
-        ctx.args = (kernel, hyper, temperature, chunk_rows)
-        return loss
+        ctx.args = (kernel, hyper, temperature, chunk_rows, scale, reduction)
+        if reduction == "none":
+            return loss
+        total = loss.sum()
+        return total * weight if reduction == "mean" else total
 
     @staticmethod
-    def backward(ctx, grad_rows):
+    def backward(ctx, grad_out):
         grad, ctx.grad = ctx.grad, None
+        kernel, hyper, temperature, chunk_rows, scale, reduction = ctx.args
         if grad is None:
             student, teacher, counted = ctx.saved_tensors
-            kernel, hyper, temperature, chunk_rows = ctx.args
-            status = torch.zeros(4, dtype=torch.bool, device=student.device)
-            _, grad = _chunked_pass(student, teacher, counted, kernel, hyper, temperature, chunk_rows, True, status)
-        return grad.mul_(grad_rows.to(grad.dtype).unsqueeze(-1)), None, None, None, None, None, None, None
+            _, grad = _chunked_pass(student, teacher, counted, kernel, hyper, temperature, chunk_rows, True, scale)
+        if reduction == "none":
+            grad.mul_(grad_out.to(grad.dtype).unsqueeze(-1))
+        elif grad_out.device.type != "cpu" or float(grad_out) != 1.0:
+            # on CUDA, multiply rather than read grad_out back to the host
+            grad.mul_(grad_out.to(grad.dtype))
+        return grad, None, None, None, None, None, None, None
 
 
 def rowwise_divergence(kernel, student_logits, teacher_logits, *, temperature, mask, reduction, chunk_size, hyper):
@@ -119,24 +274,5 @@ def rowwise_divergence(kernel, student_logits, teacher_logits, *, temperature, m
     counted = None if mask is None else mask.reshape(-1)
     n_rows = student.shape[0]
     chunk_rows = auto_chunk_rows(n_rows, vocab) if chunk_size is None else check_positive_int("chunk_size", chunk_size)
-
-    status = torch.zeros(4, dtype=torch.bool, device=student.device)
-    rows = _ChunkedRowLoss.apply(student, teacher, counted, kernel, hyper, temperature, chunk_rows, status)
-    flags = status.tolist()
-    if flags[0]:
-        raise ValueError("student_logits contains NaN or +inf")
-    if flags[1]:
-        raise ValueError("teacher_logits contains NaN or +inf")
-    if flags[2]:
-        raise ValueError("student_logits has a counted token whose logits are all -inf")
-    if flags[3]:
-        raise ValueError("teacher_logits has a counted token whose logits are all -inf")
-
-    if reduction == "none":
-        return rows.reshape(batch_shape)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    # mean over counted tokens; a batch that counts no token gives 0 (and a zero gradient), not NaN
-    n_counted = n_rows if counted is None else counted.sum()
-    return total / (n_counted.clamp_min(1) if isinstance(n_counted, torch.Tensor) else max(n_counted, 1))
+    out = _ChunkedRowLoss.apply(student, teacher, counted, kernel, hyper, temperature, chunk_rows, reduction)
+    return out.reshape(batch_shape) if reduction == "none" else out

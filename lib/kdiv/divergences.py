@@ -22,12 +22,10 @@ other gives a finite loss and a NaN-free gradient (exact ``KL(q||p)`` would be `
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._checks import check_closed_unit, check_open_unit
-from .chunked import rowwise_divergence
+from .chunked import rowdot, rowwise_divergence
 from .headtail import head_threshold
 
 __all__ = [
@@ -44,117 +42,268 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Row kernels: (logq [n, V], logp [n, V], want_grad) -> (loss [n], d loss / d(student logits / T) [n, V] or None).
-# For a loss L(q), the gradient through the softmax is q * (g - sum(q * g)) with g = dL/dq.
+# Row kernels: (chunk, **hyper) -> loss [n], for a kdiv.chunked.Chunk of n rows. When chunk.grad is not None the
+# kernel also writes chunk.scale * d loss / d zs there (zs = student logits / T).
+#
+# Notation: log q = zs - lse_s and log p = zt - lse_t are never materialised: a sum such as sum_v q_v log(q_v/p_v)
+# is a row dot product with zs - zt plus the row constant lse_t - lse_s (q sums to 1). Through the softmax a loss
+# L(q) has the gradient q * (g - sum(q * g)) with g = dL/dq, so any row constant in g (lse_s, the +1 of
+# d(q log q)/dq) cancels. Each kernel's loss holds a product like p * (zt - zs) that is NaN or inf when a logit is
+# -inf, which sends exactly those rows to the engine's floored path (see kdiv.chunked).
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _softmax_backward(q, g):
-    return q * (g - (q * g).sum(-1, keepdim=True))
+def _mix_kl_grad(c, d, k, rkl, w_f, w_r):
+    """grad = scale * (w_f * (q - p) + w_r * q * (log q/p - rkl)), with log q/p = d + k; w_f, w_r float or [n, 1].
+
+    Both brackets are formed before anything multiplies them, so the gradient is exactly 0 where q == p."""
+    s = c.scale
+    torch.sub(c.q, c.p, out=c.grad).mul_(s * w_f)
+    d.add_(k - rkl.unsqueeze(-1))
+    if isinstance(w_r, float):
+        c.grad.addcmul_(c.q, d, value=s * w_r)
+    else:
+        c.grad.addcmul_(c.q, d.mul_(s * w_r))
 
 
-def _fkl_rkl(logq, logp, want_grad):
-    """Both KL directions from one pass: (fkl, rkl, dz_fkl, dz_rkl)."""
-    p, q = logp.exp(), logq.exp()
-    log_ratio = logp - logq
-    fkl = (p * log_ratio).sum(-1)
-    rkl = -(q * log_ratio).sum(-1)
-    if not want_grad:
-        return fkl, rkl, None, None
-    # d FKL / dz = q - p;  d RKL / dz = q * (log q/p - RKL), since sum(q * log q/p) = RKL
-    return fkl, rkl, q - p, q * (-log_ratio - rkl.unsqueeze(-1))
+def _forward_kl_rows(c):
+    d = torch.sub(c.zt, c.zs, out=c.scratch(0))  # log p/q - (lse_s - lse_t)
+    loss = rowdot(c.p, d) + (c.lse_s - c.lse_t).squeeze(-1)
+    if c.grad is not None:
+        torch.sub(c.q, c.p, out=c.grad)  # d FKL / dz = q - p
+        if c.scale != 1.0:
+            c.grad.mul_(c.scale)
+    return loss
 
 
-def _forward_kl_rows(logq, logp, want_grad):
-    p = logp.exp()
-    loss = (p * (logp - logq)).sum(-1)
-    return loss, (logq.exp() - p) if want_grad else None
+def _reverse_kl_rows(c):
+    d = torch.sub(c.zs, c.zt, out=c.scratch(0))  # log q/p - k
+    k = c.lse_t - c.lse_s
+    loss = rowdot(c.q, d) + k.squeeze(-1)
+    if c.grad is not None:
+        # d RKL / dz = q * (log q/p - RKL), since sum(q * log q/p) = RKL
+        torch.mul(c.q, c.scale * (k - loss.unsqueeze(-1)), out=c.grad)
+        c.grad.addcmul_(c.q, d, value=c.scale)
+    return loss
 
 
-def _reverse_kl_rows(logq, logp, want_grad):
-    q = logq.exp()
-    r = logq - logp
-    loss = (q * r).sum(-1)
-    return loss, (q * (r - loss.unsqueeze(-1))) if want_grad else None
+def _symmetric_kl_rows(c, *, w):
+    d = torch.sub(c.zs, c.zt, out=c.scratch(0))
+    k = c.lse_t - c.lse_s
+    fkl = -rowdot(c.p, d) - k.squeeze(-1)
+    rkl = rowdot(c.q, d) + k.squeeze(-1)
+    if c.grad is not None:
+        _mix_kl_grad(c, d, k, rkl, 1.0 - w, w)
+    return (1 - w) * fkl + w * rkl
 
 
-def _symmetric_kl_rows(logq, logp, want_grad, *, w):
-    fkl, rkl, dz_f, dz_r = _fkl_rkl(logq, logp, want_grad)
-    loss = (1 - w) * fkl + w * rkl
-    return loss, ((1 - w) * dz_f + w * dz_r) if want_grad else None
+# log(p/q) is clamped at this value: beyond it q < exp(-80) p, and every term the mixture kernels take from it is
+# within 1e-34 of its limit (log(p/m) -> -log(weight of p in m), q * log(q/m) -> 0).
+_MAX_LOG_RATIO = 80.0
 
 
-def _log_mix(loga, logb, weight_a):
-    """log(weight_a * a + (1 - weight_a) * b), stably."""
-    return torch.logaddexp(loga + math.log(weight_a), logb + math.log1p(-weight_a))
+def _log_ratio(c):
+    """log(p / q) per element, from the logits (so it neither underflows nor rounds through the probabilities),
+    clamped at _MAX_LOG_RATIO, in scratch(0). NaN where both logits are -inf, -inf where only the teacher's is."""
+    delta = torch.sub(c.zt, c.zs, out=c.scratch(0)).add_(c.lse_s - c.lse_t)
+    return delta.clamp_max_(_MAX_LOG_RATIO)
 
 
-def _js_rows(logq, logp, want_grad, *, beta):
+# The mixture kernels (js, skew_kl, skew_reverse_kl) write m / q = 1 + w * (p/q - 1) for m = w p + (1 - w) q, and
+# take log(m/q) with expm1/log1p: where p == q every log term is exactly 0, and no log-probability of magnitude
+# ~|logit| is subtracted from another (which costs ~1e-6 in float32).
+
+
+def _js_rows(c, *, beta):
     if beta == 0.0:
-        return _forward_kl_rows(logq, logp, want_grad)
+        return _forward_kl_rows(c)
     if beta == 1.0:
-        return _reverse_kl_rows(logq, logp, want_grad)
-    logm = _log_mix(logp, logq, beta)
-    p, q = logp.exp(), logq.exp()
-    r = logq - logm
-    kl_qm = (q * r).sum(-1)
-    loss = beta * (p * (logp - logm)).sum(-1) + (1 - beta) * kl_qm
-    # dL/dq = (1 - beta) * log(q / m): the terms from m's dependence on q cancel
-    return loss, ((1 - beta) * q * (r - kl_qm.unsqueeze(-1))) if want_grad else None
+        return _reverse_kl_rows(c)
+    delta = _log_ratio(c)
+    log_mq = torch.expm1(delta, out=c.scratch(1)).mul_(beta).log1p_()  # log(m / q)
+    kl_qm = -rowdot(c.q, log_mq)
+    kl_pm = rowdot(c.p, delta.sub_(log_mq))  # log(p/m) = log(p/q) - log(m/q)
+    if c.grad is not None:
+        # dL/dq = (1 - beta) * log(q / m): the terms from m's dependence on q cancel
+        s = (1 - beta) * c.scale
+        torch.mul(c.q, -s * kl_qm.unsqueeze(-1), out=c.grad)
+        c.grad.addcmul_(c.q, log_mq, value=-s)
+    return beta * kl_pm + (1 - beta) * kl_qm
 
 
-def _tvd_rows(logq, logp, want_grad):
-    diff = logq.exp() - logp.exp()
-    loss = 0.5 * diff.abs().sum(-1)
-    if not want_grad:
-        return loss, None
-    return loss, _softmax_backward(logq.exp(), 0.5 * diff.sign())
+def _tvd_rows(c):
+    d = torch.sub(c.q, c.p, out=c.scratch(0))
+    loss = 0.5 * torch.abs(d, out=c.scratch(1)).sum(-1)
+    if c.grad is not None:
+        sign = d.sign_()  # dL/dq = sign(q - p) / 2
+        k = rowdot(c.q, sign)
+        torch.mul(c.q, (-0.5 * c.scale) * k.unsqueeze(-1), out=c.grad)
+        c.grad.addcmul_(c.q, sign, value=0.5 * c.scale)
+    return loss
 
 
-def _skew_kl_rows(logq, logp, want_grad, *, alpha):
+def _zero_rows(c):
+    """KL(x || x) = 0: skew divergences at alpha = 1."""
+    if c.grad is not None:
+        c.grad.zero_()
+    return c.q.new_zeros(c.q.shape[0])
+
+
+def _skew_kl_rows(c, *, alpha):
     if alpha == 0.0:
-        return _forward_kl_rows(logq, logp, want_grad)
-    logm = _log_mix(logp, logq, alpha)
-    loss = (logp.exp() * (logp - logm)).sum(-1)
-    if not want_grad:
-        return loss, None
-    # dL/dq = -(1 - alpha) p / m, bounded by (1 - alpha) / alpha
-    return loss, _softmax_backward(logq.exp(), -(1 - alpha) * (logp - logm).exp())
+        return _forward_kl_rows(c)
+    if alpha == 1.0:
+        return _zero_rows(c)
+    delta = _log_ratio(c)
+    ratio = torch.expm1(delta, out=c.scratch(1))  # p/q - 1
+    mq = torch.mul(ratio, alpha, out=c.scratch(2)).add_(1.0)  # m / q
+    ratio.div_(mq)  # (p/q - 1) / (m/q) = (p/m - 1) / (1 - alpha): exactly 0 where p == q
+    loss = rowdot(c.p, delta.sub_(mq.log_()))  # sum p log(p/m)
+    if c.grad is not None:
+        # dL/dq = -(1 - alpha) p / m = -(1 - alpha)^2 * ratio + a constant, which cancels through the softmax
+        s = (1 - alpha) ** 2 * c.scale
+        torch.mul(c.q, s * rowdot(c.q, ratio).unsqueeze(-1), out=c.grad)
+        c.grad.addcmul_(c.q, ratio, value=-s)
+    return loss
 
 
-def _skew_reverse_kl_rows(logq, logp, want_grad, *, alpha):
+def _skew_reverse_kl_rows(c, *, alpha):
     if alpha == 0.0:
-        return _reverse_kl_rows(logq, logp, want_grad)
-    logm = _log_mix(logq, logp, alpha)
-    q = logq.exp()
-    r = logq - logm
-    loss = (q * r).sum(-1)
-    if not want_grad:
-        return loss, None
-    # dL/dq = log(q / m) + 1 - alpha q / m; the constant 1 cancels through the softmax
-    return loss, _softmax_backward(q, r - alpha * r.exp())
+        return _reverse_kl_rows(c)
+    if alpha == 1.0:
+        return _zero_rows(c)
+    x = torch.expm1(_log_ratio(c), out=c.scratch(1)).mul_(1 - alpha)  # m/q - 1
+    log_mq = torch.log1p(x, out=c.scratch(2))
+    loss = -rowdot(c.q, log_mq)  # sum q log(q/m)
+    if c.grad is not None:
+        # dL/dq = log(q/m) + 1 - alpha q/m = alpha (1 - q/m) - log(m/q) + (1 - alpha); the constant cancels
+        # through the softmax, and what is left is exactly 0 where p == q
+        g = x.add_(1.0).reciprocal_().sub_(1.0).mul_(-alpha).sub_(log_mq)
+        torch.mul(c.q, -c.scale * rowdot(c.q, g).unsqueeze(-1), out=c.grad)
+        c.grad.addcmul_(c.q, g, value=c.scale)
+    return loss
+
+
+def _akl_rows(c, *, mu):
+    w_head = _head_weight(c.q, c.p, mu, c.scratch(0), c.scratch(1)).unsqueeze(-1)
+    w_tail = 1 - w_head
+    d = torch.sub(c.zs, c.zt, out=c.scratch(0))
+    k = c.lse_t - c.lse_s
+    fkl = -rowdot(c.p, d) - k.squeeze(-1)
+    rkl = rowdot(c.q, d) + k.squeeze(-1)
+    if c.grad is not None:
+        _mix_kl_grad(c, d, k, rkl, w_head, w_tail)
+    return w_head.squeeze(-1) * fkl + w_tail.squeeze(-1) * rkl
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AKL's head threshold without sorting whole rows
+# ---------------------------------------------------------------------------------------------------------------
+
+# Most rows are settled by their top _TOP_K probabilities; rows of at most _SORT_BELOW tokens are simply sorted.
+_TOP_K = 32
+_SORT_BELOW = 4 * _TOP_K
+
+
+def _threshold_of_prefix(values, mu):
+    """head_threshold's own arithmetic on a descending prefix values [n, k] of each row's sorted probabilities.
+
+    Returns (tau [n], settled [n] bool). Where the prefix holds more than mu of the mass (``settled``) tau equals
+    head_threshold of the whole row: every tie group in the prefix but the last is complete, so its tie-aware
+    cumulative mass is the same number as in the full sort, and the last (maybe cut) group already has more than mu
+    and is outside the head either way."""
+    mass = values.cumsum(dim=-1)
+    neg = -values
+    last_of_group = torch.searchsorted(neg, neg, right=True) - 1
+    n_head = (mass.gather(-1, last_of_group) <= mu).sum(dim=-1, keepdim=True).clamp_min(1)
+    return values.gather(-1, n_head - 1).squeeze(-1), mass[:, -1] > mu
+
+
+def _float_bits(p):
+    """The bit patterns of non-negative floats as integers, which order like the floats: (bits, mantissa width,
+    exponent bias)."""
+    if p.dtype == torch.float64:
+        return p.view(torch.int64), 52, 1023
+    return p.view(torch.int32), 23, 127
+
+
+# Histogram buckets for the rows a top-k does not settle: 64 per factor of 2 (6 mantissa bits), over probabilities
+# from 2**-40 to 1; everything below 2**-40 shares bucket 0.
+_BUCKET_BITS = 6
+_BINADES = 40
+
+
+def _threshold_by_histogram(p, mu):
+    """head_threshold(p, mu) for rows [n, V] whose head is large: a histogram of the mass over probability buckets
+    finds a cutoff c with more than mu of the mass at or above it; only the probabilities >= c are sorted."""
+    n, vocab = p.shape
+    bits, mantissa, bias = _float_bits(p)
+    shift = mantissa - _BUCKET_BITS
+    base = (bias - _BINADES) << _BUCKET_BITS
+    n_buckets = (_BINADES + 1) << _BUCKET_BITS
+    key = (bits >> shift).sub_(base).clamp_(0, n_buckets - 1).long()
+    hist = torch.zeros(n, n_buckets, dtype=torch.float64, device=p.device)
+    hist.scatter_add_(1, key, p.double())
+    # mass at or above each bucket, from the top bucket down; the first bucket where it passes mu holds the cutoff
+    above = hist.flip(-1).cumsum(-1)
+    bucket = (n_buckets - 1 - (above <= mu).sum(-1)).clamp_min(0)
+    cutoff_bits = (bucket + base) << shift
+    cutoff = torch.where(bucket > 0, cutoff_bits, 0).to(bits.dtype).view(p.dtype)
+    keep = p >= cutoff.unsqueeze(-1)
+    counts = keep.sum(-1)
+    width = int(counts.max())
+    if width > vocab // 4:
+        return head_threshold(p, mu)  # flat rows: sorting them whole costs about the same
+    row, col = keep.nonzero(as_tuple=True)
+    start = counts.cumsum(0) - counts
+    prefix = torch.zeros(n, width, dtype=p.dtype, device=p.device)
+    prefix[row, torch.arange(row.numel(), device=p.device) - start[row]] = p[row, col]
+    tau, settled = _threshold_of_prefix(prefix.sort(dim=-1, descending=True).values, mu)
+    if not bool(settled.all()):
+        # the float64 histogram and the float32 cumsum disagree about mu: only at a razor's edge, sort those rows
+        redo = (~settled).nonzero().squeeze(1)
+        tau[redo] = head_threshold(p[redo], mu)
+    return tau
+
+
+def _head_threshold_rows(p, mu):
+    """Exactly :func:`kdiv.headtail.head_threshold` (same ties, same float arithmetic) for p [n, V], without a
+    full sort: a row whose top probability exceeds mu has that as its threshold; a top-_TOP_K settles the rows
+    whose head is small; the rest go through :func:`_threshold_by_histogram`."""
+    n, vocab = p.shape
+    if vocab <= _SORT_BELOW:
+        return head_threshold(p, mu)
+    top1 = p.amax(-1)
+    if bool((top1 > mu).all()):
+        return top1  # the top group alone has more than mu: the head is that group
+    tau, settled = _threshold_of_prefix(p.topk(_TOP_K, dim=-1).values, mu)
+    if not bool(settled.all()):
+        rows = (~settled).nonzero().squeeze(1)
+        tau[rows] = _threshold_by_histogram(p[rows], mu)
+    return tau
+
+
+def _head_weight(q, p, mu, buf_a, buf_b):
+    """AKL's head weight g_head / (g_head + g_tail) per row [n] for probabilities [n, V]; 1/2 where q == p.
+    buf_a, buf_b: [n, V] scratch."""
+    tau = _head_threshold_rows(p, mu)
+    err = torch.sub(p, q, out=buf_a).abs_()
+    g_total = err.sum(-1)
+    # a float 0/1 head indicator and a dot product: much faster on CPU than a bool mask and masked_fill
+    g_head = rowdot(err, torch.ge(p, tau.unsqueeze(-1), out=buf_b))
+    # The reference code divides 0 by 0 when p == q; any weights give loss 0 and gradient 0 there.
+    exact = g_total == 0
+    return torch.where(exact, 0.5, g_head / torch.where(exact, 1, g_total))
 
 
 def akl_weights(logq, logp, mu):
-    """AKL's (head weight, tail weight) per row from log-probabilities; (1/2, 1/2) where the student is exact."""
+    """AKL's (head weight, tail weight) per row from log-probabilities [..., V] -> ([...], [...]); (1/2, 1/2) where
+    the student is exact. The head is :func:`kdiv.headtail.head_mask` of p = exp(logp)."""
     p, q = logp.exp(), logq.exp()
-    head = p >= head_threshold(p, mu).unsqueeze(-1)
-    err = (p - q).abs()
-    g_head = torch.where(head, err, 0).sum(-1)
-    g_total = err.sum(-1)
-    # The reference code divides 0 by 0 when p == q; any weights give loss 0 and gradient 0 there.
-    exact = g_total == 0
-    w_head = torch.where(exact, 0.5, g_head / torch.where(exact, 1, g_total))
+    vocab = p.shape[-1]
+    p2, q2 = p.reshape(-1, vocab).contiguous(), q.reshape(-1, vocab).contiguous()
+    w_head = _head_weight(q2, p2, mu, torch.empty_like(p2), torch.empty_like(p2)).reshape(p.shape[:-1])
     return w_head, 1 - w_head
-
-
-def _akl_rows(logq, logp, want_grad, *, mu):
-    w_head, w_tail = akl_weights(logq, logp, mu)
-    fkl, rkl, dz_f, dz_r = _fkl_rkl(logq, logp, want_grad)
-    loss = w_head * fkl + w_tail * rkl
-    if not want_grad:
-        return loss, None
-    return loss, w_head.unsqueeze(-1) * dz_f + w_tail.unsqueeze(-1) * dz_r
 
 
 # ---------------------------------------------------------------------------------------------------------------
