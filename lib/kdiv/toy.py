@@ -182,7 +182,8 @@ def resolve_divergence(spec, *, temperature: float = 1.0) -> tuple[str, Callable
     """A divergence spec -> (key, fn). ``fn(student_logits [N, V], teacher_logits [N, V]) -> [N]`` per row.
 
     A spec is a registry name ("forward_kl"), a ``(name, {hyper: value})`` pair (``("js", {"beta": 0.1})``), or a
-    callable with kdiv's signature ``fn(student_logits, teacher_logits, *, reduction=...)``. The key names it in
+    callable with kdiv's signature ``fn(student_logits, teacher_logits, *, temperature, reduction)`` that returns one
+    loss per row for ``reduction="none"`` (e.g. a transport loss wrapped to that signature). The key names it in
     results: "forward_kl", "js(beta=0.1)", or the callable's ``__name__``.
     """
     if callable(spec):
@@ -227,7 +228,9 @@ class Adam:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                exp_avg, exp_avg_sq, t = self.state.get(id(p), (torch.zeros_like(p), torch.zeros_like(p), 0))
+                if id(p) not in self.state:
+                    self.state[id(p)] = (torch.zeros_like(p), torch.zeros_like(p), 0)
+                exp_avg, exp_avg_sq, t = self.state[id(p)]
                 t += 1
                 self.state[id(p)] = (exp_avg, exp_avg_sq, t)
                 exp_avg.lerp_(p.grad, 1 - beta1)
