@@ -282,16 +282,18 @@ def test_sinkhorn_divergence_matches_pot_terms():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def sinkd_numpy(s, t, *, epsilon, iters, temperature=1.0):
+def sinkd_numpy(s, t, *, epsilon, iters, temperature=1.0, mass=None):
     """SinKD from its documented formula, plainly: L1 cost between samples, kernel exp(-C/eps), `iters` rounds of
-    (row scaling to 1/b, column scaling to 1/b), loss = sum(plan * cost)."""
+    (row scaling to `mass`, column scaling to `mass`), loss = sum(plan * cost). mass=None is kdiv's 1/b;
+    mass=1 is the doubly stochastic plan of the authors' code."""
     q, p = softmax_np(s / temperature), softmax_np(t / temperature)
     b = q.shape[0]
+    mass = 1.0 / b if mass is None else mass
     cost = np.abs(q[:, None, :] - p[None, :, :]).sum(-1)
     plan = np.exp(-cost / epsilon)
     for _ in range(iters):
-        plan = plan / plan.sum(1, keepdims=True) / b
-        plan = plan / plan.sum(0, keepdims=True) / b
+        plan = plan / plan.sum(1, keepdims=True) * mass
+        plan = plan / plan.sum(0, keepdims=True) * mass
     return (plan * cost).sum(), b * (plan * cost).sum(1)
 
 
@@ -306,6 +308,9 @@ def test_sinkd_matches_numpy(b, vocab, epsilon, iters):
     np.testing.assert_allclose(rows.numpy(), want_rows, rtol=1e-10)
     total = kdiv.sinkd(s, t, epsilon=epsilon, max_iter=iters, temperature=2.0, reduction="sum")
     assert total.item() == pytest.approx(b * want, rel=1e-10)
+    # "sum" is the scale of the authors' doubly stochastic plan (total mass b), iteration for iteration
+    unit_mass, _ = sinkd_numpy(s.numpy(), t.numpy(), epsilon=epsilon, iters=iters, temperature=2.0, mass=1.0)
+    assert total.item() == pytest.approx(unit_mass, rel=1e-10)
 
 
 def test_sinkd_batch_size_invariance():

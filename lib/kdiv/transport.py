@@ -180,7 +180,8 @@ def wasserstein_1d_probs(a, b, *, support=None):
     ``u_values = v_values = support`` and the probabilities as weights). Symmetric in (a, b).
 
     Shapes: a, b [..., V] (each sums to 1 over the last axis); support [V]; returns [...].
-    Reference: Villani, "Optimal Transport: Old and New", 2009 (the 1-D case, Remark 2.19).
+    Reference: Vallender, "Calculation of the Wasserstein Distance Between Probability Distributions on the
+    Line", Theory Probab. Appl. 18, 1974.
     """
     _check_probs("a", a)
     _check_probs("b", b)
@@ -200,7 +201,8 @@ def wasserstein_1d(student_logits, teacher_logits, *, support=None, temperature=
     :math:`|\partial W_1 / \partial q_k| \le x_{V-1} - x_0`. Math in :func:`wasserstein_1d_probs`.
 
     Shapes: logits [..., V]; support [V]; mask [...]; returns [] or [...] with reduction="none".
-    Reference: Villani, "Optimal Transport: Old and New", 2009.
+    Reference: Vallender, "Calculation of the Wasserstein Distance Between Probability Distributions on the
+    Line", Theory Probab. Appl. 18, 1974.
     """
     reduction = check_reduction(reduction)
     q, p, mask = _probs_from_logits(student_logits, teacher_logits, temperature, mask)
@@ -233,8 +235,9 @@ def sorted_wasserstein(student_logits, teacher_logits, *, temperature=1.0, mask=
 
     The distillation term of the Universal Logit Distillation loss (without its cross-entropy term and weight),
     per token. ULD was made for teachers and students with different vocabularies: its code pads the shorter
-    sorted vector with zeros; here both logits share one vocabulary, so no padding is needed. ULD sums over the
-    vocabulary with no 1/2 factor, as here, and averages over tokens (reduction="mean"). ULD allows a different
+    sorted vector with zeros; here both logits share one vocabulary, so no padding is needed. ULD's code sums over
+    the vocabulary with no 1/2 factor, as here; it averages over the answer tokens of each sequence, then over
+    sequences, where reduction="mean" averages over all counted tokens at once. ULD allows a different
     temperature for student and teacher; here one ``temperature`` divides both. See
     :func:`sorted_wasserstein_probs` for what the value measures.
 
@@ -349,9 +352,9 @@ def sinkd(student_logits, teacher_logits, *, epsilon=0.1, max_iter=20, tol=0.0, 
     r"""SinKD's batch-wise Sinkhorn loss: entropic OT between the b student and the b teacher distributions.
 
     The b counted tokens (all rows of the logits, or those where ``mask`` is True) are the support points. The
-    cost between student sample i and teacher sample j is the L1 distance of their distributions,
-    :math:`C_{ij} = \sum_v |q_{iv} - p_{jv}|` (in [0, 2]), and the loss is the transport cost of the entropic
-    plan with uniform marginals 1/b:
+    cost between student sample i and teacher sample j is the L1 distance of their distributions (as the authors'
+    code computes it), :math:`C_{ij} = \sum_v |q_{iv} - p_{jv}|` (in [0, 2]), and the loss is the transport
+    cost of the entropic plan with uniform marginals 1/b:
 
     .. math:: \mathrm{SinKD} = \langle \Gamma_\varepsilon, C \rangle, \qquad
               \Gamma_\varepsilon 1 = \Gamma_\varepsilon^\top 1 = \tfrac{1}{b} 1
@@ -374,8 +377,9 @@ def sinkd(student_logits, teacher_logits, *, epsilon=0.1, max_iter=20, tol=0.0, 
     \Gamma_{ij} C_{ij}` (their mean over counted tokens is the loss; 0 where masked); "sum" is b times the loss.
 
     Shapes: logits [..., V]; mask [...]; returns [] or [...] with reduction="none". Cost [b, b] in memory.
-    Reference: Cui et al., "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation", IEEE TNNLS 2024
-    (LREC-COLING 2024 version: "Sinkhorn Distance Minimization for Knowledge Distillation").
+    Reference: Cui et al., "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation", IEEE TNNLS 36(7),
+    2025; first as "Sinkhorn Distance Minimization for Knowledge Distillation", LREC-COLING 2024 (arXiv
+    2402.17110).
     """
     reduction = check_reduction(reduction)
     epsilon = check_positive("epsilon", epsilon)
