@@ -27,6 +27,9 @@ $(NOTEBOOKS:%=run-%): run-%: $(STAMP)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 	  --ClearMetadataPreprocessor.enabled=True --ClearMetadataPreprocessor.preserve_nb_metadata_mask= \
 	  --ExecutePreprocessor.timeout=600 $*
+	@# A busy machine can split one print into several stream outputs: merge them so the stored bytes are stable.
+	$(BIN)/jupyter nbconvert --to notebook --inplace --log-level=WARN \
+	  --CoalesceStreamsPreprocessor.enabled=True $*
 
 test: lint unit nbval
 
