@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from kdiv import toy
-from kdiv.zoo import ZOO, akl_weight_curves, first_step_below, location_sweep, wasserstein_on
+from kdiv.zoo import ZOO, akl_weight_curves, first_step_below, head_tail_log_error, location_sweep, wasserstein_on
 from scipy.stats import wasserstein_distance
 
 X = torch.arange(30, dtype=torch.float64) * 0.5
@@ -73,6 +73,16 @@ def test_akl_weight_curves_match_the_loss():
     rkl = kdiv.reverse_kl(z, teacher.logits)
     want = w_head[0, 0, 2] * fkl + w_tail[0, 0, 2] * rkl
     assert result.loss[0, 0, 0, 2].item() == pytest.approx(want.item(), rel=1e-10)
+
+
+def test_head_tail_log_error():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)  # head at mu=0.5: the first token
+    q = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.3, 0.15, 0.30]], dtype=torch.float64)
+    head, tail = head_tail_log_error(q, p, 0.5)
+    np.testing.assert_allclose(head.numpy(), [0.0, np.log(2)])
+    np.testing.assert_allclose(tail.numpy(), [0.0, np.log(6) / 3])
+    with pytest.raises(ValueError, match="teacher_probs"):
+        head_tail_log_error(q, p[:3])
 
 
 def test_bad_input():

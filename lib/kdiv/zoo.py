@@ -8,7 +8,8 @@ them needs:
 - :func:`wasserstein_on`: exact W1 on a teacher's ordered grid, as a loss :func:`kdiv.toy.fit` accepts.
 - :func:`location_sweep`: loss and gradient of a divergence as a bump-shaped student slides along the grid
   (the disjoint-support argument for optimal transport, Arjovsky et al., "Wasserstein GAN", ICML 2017, Example 1).
-- :func:`first_step_below`, :func:`akl_weight_curves`: read off a :class:`kdiv.toy.FitResult`.
+- :func:`first_step_below`, :func:`akl_weight_curves`, :func:`head_tail_log_error`: read off a
+  :class:`kdiv.toy.FitResult`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from __future__ import annotations
 import torch
 
 from .divergences import akl_weights
+from .headtail import head_mask
 from .toy import FitResult, resolve_divergence, single_thread
 from .transport import wasserstein_1d
 
-__all__ = ["ZOO", "wasserstein_on", "location_sweep", "first_step_below", "akl_weight_curves"]
+__all__ = ["ZOO", "wasserstein_on", "location_sweep", "first_step_below", "akl_weight_curves", "head_tail_log_error"]
 
 # Every token-level divergence, at the default of the paper that proposed it (GKD's JSD at beta 0.5, DistiLLM's
 # skew 0.1, AKL's mu 0.5; symmetric_kl w=0.5 is the AKL paper's "FKL+RKL" up to a factor 2).
@@ -104,3 +106,21 @@ def akl_weight_curves(result: FitResult, key: str, *, mu: float = 0.5) -> tuple[
     q = result.probs[d]
     p = result.teacher.probs.expand_as(q)
     return akl_weights(q.log(), p.log(), mu)
+
+
+def head_tail_log_error(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mu: float = 0.5):
+    r"""Mean relative error :math:`|\log q_j - \log p_j|` over the teacher's head and over its tail.
+
+    The companion of :func:`kdiv.head_tail_error`, which sums absolute errors :math:`|p_j - q_j|` and so weighs
+    each token by its mass: there the tail is dominated by its largest tokens. Here every tail token counts
+    equally, which is what a log-scale plot of the far tail shows. Same head / tail split (AKL's, ``mu``).
+
+    Shapes: student_probs [..., V], teacher_probs [V] -> (head [...], tail [...]).
+    """
+    teacher_probs = torch.as_tensor(teacher_probs)
+    if teacher_probs.dim() != 1 or student_probs.shape[-1] != teacher_probs.shape[0]:
+        raise ValueError(f"teacher_probs must be [V] with V = student_probs.shape[-1], got "
+                         f"{tuple(teacher_probs.shape)} and {tuple(student_probs.shape)}")
+    head = head_mask(teacher_probs, mu)
+    err = (student_probs.log() - teacher_probs.log()).abs()
+    return err[..., head].mean(-1), err[..., ~head].mean(-1)
