@@ -118,6 +118,16 @@ def head_margin(p, mu):
     return np.abs(mass_at_or_above(p) - mu).min(-1)
 
 
+def head_is_robust(p, mu, tol):
+    """True where rounding of relative size `tol` cannot change a row's head: no tie group's mass within tol of
+    mu, and no two different probabilities so close that rounding could make them a tie (or undo one)."""
+    p = np.asarray(p, dtype=np.float64)
+    ascending = np.sort(p, axis=-1)
+    gaps = np.diff(ascending, axis=-1)
+    near_tie = ((gaps > 0) & (gaps <= tol * ascending[..., 1:])).any(-1)
+    return (head_margin(p, mu) > tol) & ~near_tie
+
+
 def head_tail_error(q, p, mu):
     """(g_head, g_tail): summed |p - q| over the teacher's head and over its tail. Shapes: [..., V] -> [...]."""
     head = head_set(p, mu)

@@ -63,8 +63,9 @@ def _hyper(name, draw_value):
     return {}
 
 
-# skew at alpha = 1 is a known library bug (see test_divergences.py): keep it out of the drawn values
-HYPER_VALUES = st.sampled_from([0.0, 0.1, 0.5, 0.9, 0.999])
+# alpha below ~1e-3 is left out: skew_reverse_kl loses float32 precision there, a known library bug with its own
+# test in test_divergences.py (test_skew_small_alpha_float32)
+HYPER_VALUES = st.sampled_from([0.0, 0.01, 0.1, 0.5, 0.9, 0.999, 1.0])
 
 
 def _loss_and_grad(name, hyper, s, t, temperature, dtype):
@@ -95,15 +96,27 @@ def test_extreme_logits(name, pair, temperature, value, dtype):
     z_max = max(1.0, np.abs(finite[np.isfinite(finite)]).max() / temperature)
     assert (loss >= -8 * torch.finfo(loss.dtype).eps * z_max).all(), loss
 
-    # agreement with the reference, in float64, wherever the reference is finite
-    if name == "akl" and reference.head_margin(reference.softmax_t(t, temperature), hyper["mu"]).min() < 1e-9:
-        return  # a tie group whose mass is within rounding of mu can land on either side of the split
-    loss64, _ = _loss_and_grad(name, hyper, s, t, temperature, torch.float64)
+    # agreement with the reference wherever the reference is finite: on the values actually passed (bf16 rounds
+    # them) within the compute dtype's rounding, and in float64 within 1e-9
+    _assert_matches_reference(name, hyper, s, t, temperature, dtype, loss, z_max)
+    if dtype != torch.float64:
+        loss64, _ = _loss_and_grad(name, hyper, s, t, temperature, torch.float64)
+        _assert_matches_reference(name, hyper, s, t, temperature, torch.float64, loss64, z_max)
+
+
+def _assert_matches_reference(name, hyper, s, t, temperature, dtype, loss, z_max):
+    s = torch.tensor(s, dtype=dtype).double().numpy()
+    t = torch.tensor(t, dtype=dtype).double().numpy()
+    eps = torch.finfo(loss.dtype).eps
+    p = reference.softmax_t(t, temperature)
+    if name == "akl" and not reference.head_is_robust(p, hyper["mu"], 1e3 * eps).all():
+        return  # the head split jumps at ties and at mass mu: rounding near either can move a token across
     with np.errstate(all="ignore"):
         want = reference.DIVERGENCES[name](s, t, temperature=temperature, **hyper)
     ok = np.isfinite(want)
-    # float64 log-probabilities of logits near 1e4 / T carry an absolute error of about 1e-16 * 2e4 each
-    np.testing.assert_allclose(loss64.numpy()[ok], want[ok], rtol=1e-9, atol=1e-9)
+    # log-probabilities of logits of size z_max are known to about eps * z_max each
+    tol = 1e-9 if dtype == torch.float64 else 32 * eps * z_max
+    np.testing.assert_allclose(loss.double().numpy()[ok], want[ok], rtol=tol, atol=tol)
 
 
 @given(name=st.sampled_from(NAMES), pair=logit_pairs(), temperature=TEMPERATURES, value=HYPER_VALUES)
