@@ -27,7 +27,12 @@ small enough to stay in the CPU cache.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -43,8 +48,10 @@ LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # -87.34
 # per op (a few microseconds) and the intra-op threads' start-up stay small.
 CHUNK_ELEMENTS = 1 << 18
 
-# Scratch buffers a kernel may ask for with Chunk.scratch(i), i < MAX_SCRATCH.
-MAX_SCRATCH = 3
+# Scratch buffers a kernel may ask for with Chunk.scratch(i), i < MAX_SCRATCH; the engine's own per worker: q, p,
+# both scaled logits, a gradient block, the dot product's.
+MAX_SCRATCH = 4
+_FIXED_BUFFERS = 6
 
 
 def auto_chunk_rows(n_rows: int, vocab: int) -> int:
@@ -67,24 +74,52 @@ def log_probs(logits: torch.Tensor, temperature: float, dtype: torch.dtype):
 
 
 def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_v a[i, v] * b[i, v] for [n, V] tensors: [n]."""
+    """sum_v a[i, v] * b[i, v] for [n, V] tensors: [n]. Allocates an [n, V] product: for small tensors only."""
     return torch.linalg.vecdot(a, b)
 
 
-class Chunk:
+class Scratch:
+    """[n, V] buffers a row kernel may overwrite, and a row dot product that allocates nothing of that size (a
+    fresh chunk-sized tensor costs its page faults on every call, which is what the buffers are there to avoid)."""
+
+    __slots__ = ("_buffers", "_dot_buffer")
+
+    def __init__(self, buffers, dot_buffer):
+        self._buffers, self._dot_buffer = buffers, dot_buffer
+
+    @classmethod
+    def like(cls, x: torch.Tensor) -> Scratch:
+        """Fresh buffers shaped like x [n, V], for a kernel called outside the engine."""
+        return cls(torch.empty((MAX_SCRATCH, *x.shape), dtype=x.dtype, device=x.device), torch.empty_like(x))
+
+    def scratch(self, i: int) -> torch.Tensor:
+        return self._buffers[i]
+
+    def first_rows(self, n: int) -> Scratch:
+        """The same buffers, cut to their first n rows (for a kernel working on a subset of the rows)."""
+        return Scratch(self._buffers[:, :n], self._dot_buffer[:n])
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """sum_v a[i, v] * b[i, v]: [n]."""
+        return torch.mul(a, b, out=self._dot_buffer).sum(-1)
+
+
+class Chunk(Scratch):
     """One chunk of n rows as a row kernel sees it (compute dtype throughout).
 
     ``zs``, ``zt`` [n, V]: student and teacher logits divided by the temperature; ``q``, ``p`` [n, V]: their
     softmaxes; ``lse_s``, ``lse_t`` [n, 1]: their logsumexp (computed on first use), so that
     ``log q = zs - lse_s``; ``grad`` [n, V] or None: where the kernel writes ``scale * d loss / d zs`` (None when
-    the student needs no gradient); ``scratch(i)`` [n, V]: buffers the kernel may overwrite.
+    the student needs no gradient); ``scratch(i)`` [n, V], i < MAX_SCRATCH: buffers the kernel may overwrite;
+    ``dot(a, b)``: row dot products.
     """
 
-    __slots__ = ("zs", "zt", "q", "p", "ms", "mt", "grad", "scale", "_scratch", "_lse_s", "_lse_t")
+    __slots__ = ("zs", "zt", "q", "p", "ms", "mt", "grad", "scale", "_lse_s", "_lse_t")
 
-    def __init__(self, zs, zt, q, p, ms, mt, grad, scale, scratch):
+    def __init__(self, zs, zt, q, p, ms, mt, grad, scale, buffers, dot_buffer):
+        super().__init__(buffers, dot_buffer)
         self.zs, self.zt, self.q, self.p, self.ms, self.mt = zs, zt, q, p, ms, mt
-        self.grad, self.scale, self._scratch = grad, scale, scratch
+        self.grad, self.scale = grad, scale
         self._lse_s = self._lse_t = None
 
     @property
@@ -99,9 +134,6 @@ class Chunk:
         if self._lse_t is None:
             self._lse_t = (self.mt - self.p.amax(-1).log_()).unsqueeze(-1)
         return self._lse_t
-
-    def scratch(self, i: int) -> torch.Tensor:
-        return self._scratch[i]
 
 
 def _row_blocks(n_rows: int, rows: torch.Tensor | None, chunk_rows: int):
@@ -119,21 +151,101 @@ def _row_blocks(n_rows: int, rows: torch.Tensor | None, chunk_rows: int):
             yield rows[start:start + chunk_rows]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Threads. On CPU the blocks are shared out to torch.get_num_threads() Python threads, each running its torch ops
+# on one core (the ops release the GIL), each taking the next block when it is done with one. Torch's own intra-op
+# threading would split every op of every chunk over the cores and join them again: thousands of fork/joins per
+# call, each of which waits for the slowest core, which costs little on an idle machine but can multiply the time
+# when other processes share the cores. One block per worker needs no join until the end.
+# ---------------------------------------------------------------------------------------------------------------
+
+_local = threading.local()
+_executor: ThreadPoolExecutor | None = None
+_threads_usable: bool | None = None
+
+
+def _omp_set_num_threads():
+    """omp_set_num_threads of the OpenMP runtime loaded in this process (torch's), or None."""
+    if not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if ".so" in line and "/" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        if os.path.basename(path).startswith(("libgomp", "libiomp5", "libomp")):
+            try:
+                return ctypes.CDLL(path).omp_set_num_threads
+            except (OSError, AttributeError):
+                continue
+    return None
+
+
+def _init_worker(set_threads):
+    # torch sets a thread's OpenMP team size when the thread first asks for it: ask first, then set it to 1
+    torch.get_num_threads()
+    set_threads(1)
+    _local.single = torch.get_num_threads() == 1
+
+
+def _workers(n_threads: int) -> ThreadPoolExecutor | None:
+    """The shared pool of single-core worker threads, or None where torch's threads cannot be set per thread."""
+    global _executor, _threads_usable
+    if _threads_usable is None:
+        set_threads = _omp_set_num_threads()
+        if set_threads is not None:
+            _executor = ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 2), thread_name_prefix="kdiv",
+                                           initializer=_init_worker, initargs=(set_threads,))
+            _threads_usable = _executor.submit(lambda: _local.single).result()
+        else:
+            _threads_usable = False
+    return _executor if _threads_usable else None
+
+
 class _Engine:
-    """Runs one kernel over blocks of rows, with one set of chunk buffers reused by every block."""
+    """Runs one kernel over blocks of rows; every worker reuses one set of chunk buffers for all its blocks."""
 
     def __init__(self, student, teacher, kernel, hyper, temperature, chunk_rows, n_buffer_rows, want_grad, scale):
         self.student, self.teacher, self.kernel, self.hyper = student, teacher, kernel, hyper
         self.temperature, self.want_grad, self.scale = temperature, want_grad, scale
         self.dtype = _compute_dtype(student, teacher)
-        vocab = student.shape[1]
-        rows = max(1, min(chunk_rows, n_buffer_rows))
-        # q, p, the kernel's scratch, the two scaled logits (when they cannot be views of the inputs), the gradient
-        # block (when it cannot be written in place): one allocation, reused by every block
-        self.pool = torch.empty(5 + MAX_SCRATCH, rows, vocab, dtype=self.dtype, device=student.device)
+        self.buffer_rows = max(1, min(chunk_rows, n_buffer_rows))
         self.grad = None
         if want_grad:
             self.grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+    def _buffers(self):
+        # q, p, the two scaled logits (when they cannot be views of the inputs), the gradient block (when it cannot
+        # be written in place), the dot product's, the kernel's scratch: one allocation per worker
+        return torch.empty(_FIXED_BUFFERS + MAX_SCRATCH, self.buffer_rows, self.student.shape[1], dtype=self.dtype,
+                           device=self.student.device)
+
+    def run(self, blocks, loss, maxima, floored=False):
+        """Every block of rows: loss into loss[block], maxima (if not None) into maxima[:, block], gradient into
+        self.grad; on worker threads where the inputs are on the CPU and there are blocks enough."""
+        blocks = list(blocks)
+        n_threads = min(torch.get_num_threads(), len(blocks))
+        pool = _workers(n_threads) if n_threads > 1 and self.student.device.type == "cpu" else None
+        if pool is None:
+            buffers = self._buffers()
+            for block in blocks:
+                self.run_block(block, buffers, loss, maxima, floored)
+            return
+        queue, lock = iter(blocks), threading.Lock()
+
+        def work():
+            with torch.no_grad():
+                buffers = self._buffers()
+                while True:
+                    with lock:
+                        block = next(queue, None)
+                    if block is None:
+                        return
+                    self.run_block(block, buffers, loss, maxima, floored)
+
+        for future in [pool.submit(work) for _ in range(n_threads)]:
+            future.result()
 
     def _logits(self, x, block, buf, floored):
         """x[block] as compute-dtype logits / T: a view of x when nothing needs converting, else in `buf`."""
@@ -154,13 +266,13 @@ class _Engine:
             buf.copy_(torch.log_softmax(buf, -1).nan_to_num_(nan=0.0, posinf=0.0, neginf=LOG_FLOOR))
         return buf
 
-    def run_block(self, block, loss, maxima, floored=False):
+    def run_block(self, block, buffers, loss, maxima, floored=False):
         """Loss of the rows `block` (a slice or an index tensor) into loss[block], gradient into self.grad."""
         n = (block.stop - block.start) if isinstance(block, slice) else block.numel()
-        pool = self.pool[:, :n]
-        zs = self._logits(self.student, block, pool[4], floored)
-        zt = self._logits(self.teacher, block, pool[5], floored)
-        q, p = pool[0], pool[1]
+        pool = buffers[:, :n]
+        q, p, zs_buf, zt_buf, grad_buf, dot_buf = pool[:_FIXED_BUFFERS]
+        zs = self._logits(self.student, block, zs_buf, floored)
+        zt = self._logits(self.teacher, block, zt_buf, floored)
         torch.ops.aten._softmax.out(zs, -1, False, out=q)
         torch.ops.aten._softmax.out(zt, -1, False, out=p)
         ms, mt = zs.amax(-1), zt.amax(-1)
@@ -168,8 +280,8 @@ class _Engine:
         if self.want_grad:
             # fp32 gradient rows that are consecutive are written in place; others go through a buffer
             direct = isinstance(block, slice) and self.grad.dtype == self.dtype
-            grad = self.grad[block] if direct else pool[6]
-        chunk = Chunk(zs, zt, q, p, ms, mt, grad, self.scale, pool[2:2 + MAX_SCRATCH])
+            grad = self.grad[block] if direct else grad_buf
+        chunk = Chunk(zs, zt, q, p, ms, mt, grad, self.scale, pool[_FIXED_BUFFERS:], dot_buf)
         loss[block] = self.kernel(chunk, **self.hyper)
         if floored and grad is not None:
             # The kernel differentiated with respect to the floored log-probabilities as if they were free logits.
@@ -177,7 +289,7 @@ class _Engine:
             # the sum: chain rule, grad_w = g_w - q_w * sum_{u not floored} g_u = g_w + q_w * sum_{v floored} g_v
             # (g sums to 0 over the row), and 0 at the floored tokens.
             floor = torch.isneginf(self.student[block]).to(self.dtype)
-            torch.addcmul(grad, q, rowdot(grad, floor).unsqueeze(-1), out=grad)
+            torch.addcmul(grad, q, chunk.dot(grad, floor).unsqueeze(-1), out=grad)
             grad.mul_(floor.sub_(1).neg_())
         if maxima is not None:
             maxima[0][block] = ms
@@ -204,8 +316,7 @@ def _chunked_pass(student, teacher, counted, kernel, hyper, temperature, chunk_r
     maxima = torch.zeros(2, n_rows, dtype=dtype, device=student.device)
     if engine.grad is not None and rows is not None:
         engine.grad.index_fill_(0, (~counted).nonzero().squeeze(1), 0)
-    for block in _row_blocks(n_rows, rows, chunk_rows):
-        engine.run_block(block, loss, maxima)
+    engine.run(_row_blocks(n_rows, rows, chunk_rows), loss, maxima)
 
     for k, name in enumerate(("student_logits", "teacher_logits")):
         m = maxima[k]
@@ -217,9 +328,7 @@ def _chunked_pass(student, teacher, counted, kernel, hyper, temperature, chunk_r
     # rows whose fast-path loss is not finite hold a -inf logit: compute them again on the floored path
     bad = ~torch.isfinite(loss)
     if bool(bad.any()):
-        bad_rows = bad.nonzero().squeeze(1)
-        for block in _row_blocks(n_rows, bad_rows, chunk_rows):
-            engine.run_block(block, loss, None, floored=True)
+        engine.run(_row_blocks(n_rows, bad.nonzero().squeeze(1), chunk_rows), loss, None, floored=True)
     return loss, engine.grad
 
 
@@ -248,6 +357,11 @@ class _ChunkedRowLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient is closed-form, without a graph back to the logits, so a second
+            # derivative through it would silently miss this loss's term. Refuse rather than be wrong.
+            raise RuntimeError("kdiv's token-level divergences cannot be differentiated twice (create_graph=True): "
+                               "their gradient is computed in closed form")
         grad, ctx.grad = ctx.grad, None
         kernel, hyper, temperature, chunk_rows, scale, reduction = ctx.args
         if grad is None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_closed_unit, check_open_unit
-from .chunked import rowdot, rowwise_divergence
+from .chunked import Scratch, rowwise_divergence
 from .headtail import head_threshold
 
 __all__ = [
@@ -68,7 +68,7 @@ def _mix_kl_grad(c, d, k, rkl, w_f, w_r):
 
 def _forward_kl_rows(c):
     d = torch.sub(c.zt, c.zs, out=c.scratch(0))  # log p/q - (lse_s - lse_t)
-    loss = rowdot(c.p, d) + (c.lse_s - c.lse_t).squeeze(-1)
+    loss = c.dot(c.p, d) + (c.lse_s - c.lse_t).squeeze(-1)
     if c.grad is not None:
         torch.sub(c.q, c.p, out=c.grad)  # d FKL / dz = q - p
         if c.scale != 1.0:
@@ -79,7 +79,7 @@ def _forward_kl_rows(c):
 def _reverse_kl_rows(c):
     d = torch.sub(c.zs, c.zt, out=c.scratch(0))  # log q/p - k
     k = c.lse_t - c.lse_s
-    loss = rowdot(c.q, d) + k.squeeze(-1)
+    loss = c.dot(c.q, d) + k.squeeze(-1)
     if c.grad is not None:
         # d RKL / dz = q * (log q/p - RKL), since sum(q * log q/p) = RKL
         torch.mul(c.q, c.scale * (k - loss.unsqueeze(-1)), out=c.grad)
@@ -90,8 +90,8 @@ def _reverse_kl_rows(c):
 def _symmetric_kl_rows(c, *, w):
     d = torch.sub(c.zs, c.zt, out=c.scratch(0))
     k = c.lse_t - c.lse_s
-    fkl = -rowdot(c.p, d) - k.squeeze(-1)
-    rkl = rowdot(c.q, d) + k.squeeze(-1)
+    fkl = -c.dot(c.p, d) - k.squeeze(-1)
+    rkl = c.dot(c.q, d) + k.squeeze(-1)
     if c.grad is not None:
         _mix_kl_grad(c, d, k, rkl, 1.0 - w, w)
     return (1 - w) * fkl + w * rkl
@@ -109,9 +109,26 @@ def _log_ratio(c):
     return delta.clamp_max_(_MAX_LOG_RATIO)
 
 
-# The mixture kernels (js, skew_kl, skew_reverse_kl) write m / q = 1 + w * (p/q - 1) for m = w p + (1 - w) q, and
-# take log(m/q) with expm1/log1p: where p == q every log term is exactly 0, and no log-probability of magnitude
-# ~|logit| is subtracted from another (which costs ~1e-6 in float32).
+# The mixture kernels (js, skew_kl, skew_reverse_kl) need, for m = a p + (1 - a) q, log(m/q) = log(1 + x) with
+# x = a (p/q - 1) = a expm1(log p/q). In that form every log term is exactly 0 where p == q and keeps its relative
+# precision where p ~ q, and no log-probability of magnitude ~|logit| is subtracted from another (which costs ~1e-6
+# in float32). 1 + x >= 1 - a, so when a is close to 1 the sum cancels where p << q; there m/q = (1 - a) + a p/q is
+# formed directly instead (an extra exp and log per element, for a > _NEAR_ONE only).
+_NEAR_ONE = 0.95
+
+
+def _log_mix_ratio(c, a):
+    """(log p/q in scratch(0), m/q in scratch(1), log m/q in scratch(2)) for m = a p + (1 - a) q."""
+    delta = _log_ratio(c)
+    x = torch.expm1(delta, out=c.scratch(1)).mul_(a)
+    log_mq = torch.log1p(x, out=c.scratch(2))
+    mq = x.add_(1.0)
+    if a > _NEAR_ONE:
+        direct = torch.exp(delta, out=c.scratch(3)).mul_(a).add_(1.0 - a)
+        far = direct < 0.5
+        torch.where(far, direct, mq, out=mq)
+        torch.where(far, direct.log_(), log_mq, out=log_mq)
+    return delta, mq, log_mq
 
 
 def _js_rows(c, *, beta):
@@ -119,10 +136,9 @@ def _js_rows(c, *, beta):
         return _forward_kl_rows(c)
     if beta == 1.0:
         return _reverse_kl_rows(c)
-    delta = _log_ratio(c)
-    log_mq = torch.expm1(delta, out=c.scratch(1)).mul_(beta).log1p_()  # log(m / q)
-    kl_qm = -rowdot(c.q, log_mq)
-    kl_pm = rowdot(c.p, delta.sub_(log_mq))  # log(p/m) = log(p/q) - log(m/q)
+    delta, _, log_mq = _log_mix_ratio(c, beta)
+    kl_qm = -c.dot(c.q, log_mq)
+    kl_pm = c.dot(c.p, delta.sub_(log_mq))  # log(p/m) = log(p/q) - log(m/q)
     if c.grad is not None:
         # dL/dq = (1 - beta) * log(q / m): the terms from m's dependence on q cancel
         s = (1 - beta) * c.scale
@@ -136,7 +152,7 @@ def _tvd_rows(c):
     loss = 0.5 * torch.abs(d, out=c.scratch(1)).sum(-1)
     if c.grad is not None:
         sign = d.sign_()  # dL/dq = sign(q - p) / 2
-        k = rowdot(c.q, sign)
+        k = c.dot(c.q, sign)
         torch.mul(c.q, (-0.5 * c.scale) * k.unsqueeze(-1), out=c.grad)
         c.grad.addcmul_(c.q, sign, value=0.5 * c.scale)
     return loss
@@ -154,15 +170,14 @@ def _skew_kl_rows(c, *, alpha):
         return _forward_kl_rows(c)
     if alpha == 1.0:
         return _zero_rows(c)
-    delta = _log_ratio(c)
-    ratio = torch.expm1(delta, out=c.scratch(1))  # p/q - 1
-    mq = torch.mul(ratio, alpha, out=c.scratch(2)).add_(1.0)  # m / q
-    ratio.div_(mq)  # (p/q - 1) / (m/q) = (p/m - 1) / (1 - alpha): exactly 0 where p == q
-    loss = rowdot(c.p, delta.sub_(mq.log_()))  # sum p log(p/m)
+    delta, mq, log_mq = _log_mix_ratio(c, alpha)
+    loss = c.dot(c.p, delta.sub_(log_mq))  # sum p log(p/m)
     if c.grad is not None:
-        # dL/dq = -(1 - alpha) p / m = -(1 - alpha)^2 * ratio + a constant, which cancels through the softmax
-        s = (1 - alpha) ** 2 * c.scale
-        torch.mul(c.q, s * rowdot(c.q, ratio).unsqueeze(-1), out=c.grad)
+        # dL/dq = -(1 - alpha) p / m = -(1 - alpha)^2 / alpha * (1 - q/m) + a constant, which cancels through the
+        # softmax; 1 - q/m = (m/q - 1) / (m/q) is exactly 0 where p == q
+        ratio = torch.sub(mq, 1.0, out=log_mq).div_(mq)
+        s = (1 - alpha) ** 2 / alpha * c.scale
+        torch.mul(c.q, s * c.dot(c.q, ratio).unsqueeze(-1), out=c.grad)
         c.grad.addcmul_(c.q, ratio, value=-s)
     return loss
 
@@ -172,25 +187,24 @@ def _skew_reverse_kl_rows(c, *, alpha):
         return _reverse_kl_rows(c)
     if alpha == 1.0:
         return _zero_rows(c)
-    x = torch.expm1(_log_ratio(c), out=c.scratch(1)).mul_(1 - alpha)  # m/q - 1
-    log_mq = torch.log1p(x, out=c.scratch(2))
-    loss = -rowdot(c.q, log_mq)  # sum q log(q/m)
+    _, mq, log_mq = _log_mix_ratio(c, 1.0 - alpha)
+    loss = -c.dot(c.q, log_mq)  # sum q log(q/m)
     if c.grad is not None:
         # dL/dq = log(q/m) + 1 - alpha q/m = alpha (1 - q/m) - log(m/q) + (1 - alpha); the constant cancels
         # through the softmax, and what is left is exactly 0 where p == q
-        g = x.add_(1.0).reciprocal_().sub_(1.0).mul_(-alpha).sub_(log_mq)
-        torch.mul(c.q, -c.scale * rowdot(c.q, g).unsqueeze(-1), out=c.grad)
+        g = mq.reciprocal_().sub_(1.0).mul_(-alpha).sub_(log_mq)
+        torch.mul(c.q, -c.scale * c.dot(c.q, g).unsqueeze(-1), out=c.grad)
         c.grad.addcmul_(c.q, g, value=c.scale)
     return loss
 
 
 def _akl_rows(c, *, mu):
-    w_head = _head_weight(c.q, c.p, mu, c.scratch(0), c.scratch(1)).unsqueeze(-1)
+    w_head = _head_weight(c.q, c.p, mu, c).unsqueeze(-1)
     w_tail = 1 - w_head
     d = torch.sub(c.zs, c.zt, out=c.scratch(0))
     k = c.lse_t - c.lse_s
-    fkl = -rowdot(c.p, d) - k.squeeze(-1)
-    rkl = rowdot(c.q, d) + k.squeeze(-1)
+    fkl = -c.dot(c.p, d) - k.squeeze(-1)
+    rkl = c.dot(c.q, d) + k.squeeze(-1)
     if c.grad is not None:
         _mix_kl_grad(c, d, k, rkl, w_head, w_tail)
     return w_head.squeeze(-1) * fkl + w_tail.squeeze(-1) * rkl
@@ -219,37 +233,41 @@ def _threshold_of_prefix(values, mu):
     return values.gather(-1, n_head - 1).squeeze(-1), mass[:, -1] > mu
 
 
-def _float_bits(p):
-    """The bit patterns of non-negative floats as integers, which order like the floats: (bits, mantissa width,
-    exponent bias)."""
-    if p.dtype == torch.float64:
-        return p.view(torch.int64), 52, 1023
-    return p.view(torch.int32), 23, 127
+# The bisection stops once the mass at or above its cutoff lies in (mu, mu + _MASS_SLACK * (1 - mu)]: a little
+# more mass than the head's, so a few more candidates to sort, but fewer passes over the rows.
+_MASS_SLACK = 0.1
+_MAX_PASSES = 16
 
 
-# Histogram buckets for the rows a top-k does not settle: 64 per factor of 2 (6 mantissa bits), over probabilities
-# from 2**-40 to 1; everything below 2**-40 shares bucket 0.
-_BUCKET_BITS = 6
-_BINADES = 40
-
-
-def _threshold_by_histogram(p, mu):
-    """head_threshold(p, mu) for rows [n, V] whose head is large: a histogram of the mass over probability buckets
-    finds a cutoff c with more than mu of the mass at or above it; only the probabilities >= c are sorted."""
+def _cutoff_above_mu(p, mu, hi, ws):
+    """Per row a probability cutoff c with more than mu of the mass at or above it, and not much more: bisection
+    on log c between (1 - mu) / V (the tokens below it hold less than 1 - mu) and hi. p [n, V], hi [n] -> [n];
+    ws: a Scratch of p's shape."""
     n, vocab = p.shape
-    bits, mantissa, bias = _float_bits(p)
-    shift = mantissa - _BUCKET_BITS
-    base = (bias - _BINADES) << _BUCKET_BITS
-    n_buckets = (_BINADES + 1) << _BUCKET_BITS
-    key = (bits >> shift).sub_(base).clamp_(0, n_buckets - 1).long()
-    hist = torch.zeros(n, n_buckets, dtype=torch.float64, device=p.device)
-    hist.scatter_add_(1, key, p.double())
-    # mass at or above each bucket, from the top bucket down; the first bucket where it passes mu holds the cutoff
-    above = hist.flip(-1).cumsum(-1)
-    bucket = (n_buckets - 1 - (above <= mu).sum(-1)).clamp_min(0)
-    cutoff_bits = (bucket + base) << shift
-    cutoff = torch.where(bucket > 0, cutoff_bits, 0).to(bits.dtype).view(p.dtype)
-    keep = p >= cutoff.unsqueeze(-1)
+    best = torch.full((n,), (1 - mu) / vocab, dtype=p.dtype, device=p.device)
+    log_lo, log_hi = best.log(), hi.log()
+    done = torch.zeros(n, dtype=torch.bool, device=p.device)
+    for _ in range(_MAX_PASSES):
+        mid = (log_lo + log_hi) / 2
+        cutoff = mid.exp()
+        # a float 0/1 indicator and a dot product: one cheap pass (bool masks are slow on CPU)
+        mass = ws.dot(p, torch.ge(p, cutoff.unsqueeze(-1), out=ws.scratch(0)))
+        above = mass > mu
+        best = torch.where(above, torch.maximum(best, cutoff), best)
+        log_lo = torch.where(above, mid, log_lo)
+        log_hi = torch.where(above, log_hi, mid)
+        done |= above & (mass <= mu + _MASS_SLACK * (1 - mu))
+        if bool(done.all()):
+            break
+    return best
+
+
+def _threshold_large_head(p, mu, hi, ws):
+    """head_threshold(p, mu) for rows [n, V] whose head has more than _TOP_K tokens, hi [n] a probability at or
+    above the threshold: only the probabilities at or above a cutoff holding more than mu of the mass are sorted.
+    ws: a Scratch of p's shape."""
+    n, vocab = p.shape
+    keep = p >= _cutoff_above_mu(p, mu, hi, ws).unsqueeze(-1)
     counts = keep.sum(-1)
     width = int(counts.max())
     if width > vocab // 4:
@@ -260,37 +278,38 @@ def _threshold_by_histogram(p, mu):
     prefix[row, torch.arange(row.numel(), device=p.device) - start[row]] = p[row, col]
     tau, settled = _threshold_of_prefix(prefix.sort(dim=-1, descending=True).values, mu)
     if not bool(settled.all()):
-        # the float64 histogram and the float32 cumsum disagree about mu: only at a razor's edge, sort those rows
+        # the bisection's sums and the cumsum's disagree about mu: only at a razor's edge, sort those rows whole
         redo = (~settled).nonzero().squeeze(1)
         tau[redo] = head_threshold(p[redo], mu)
     return tau
 
 
-def _head_threshold_rows(p, mu):
+def _head_threshold_rows(p, mu, ws):
     """Exactly :func:`kdiv.headtail.head_threshold` (same ties, same float arithmetic) for p [n, V], without a
     full sort: a row whose top probability exceeds mu has that as its threshold; a top-_TOP_K settles the rows
-    whose head is small; the rest go through :func:`_threshold_by_histogram`."""
+    whose head is small; the rest go through :func:`_threshold_large_head`. ws: a Scratch of p's shape."""
     n, vocab = p.shape
     if vocab <= _SORT_BELOW:
         return head_threshold(p, mu)
     top1 = p.amax(-1)
     if bool((top1 > mu).all()):
         return top1  # the top group alone has more than mu: the head is that group
-    tau, settled = _threshold_of_prefix(p.topk(_TOP_K, dim=-1).values, mu)
+    top = p.topk(_TOP_K, dim=-1).values
+    tau, settled = _threshold_of_prefix(top, mu)
     if not bool(settled.all()):
         rows = (~settled).nonzero().squeeze(1)
-        tau[rows] = _threshold_by_histogram(p[rows], mu)
+        tau[rows] = _threshold_large_head(p[rows], mu, top[rows, -1], ws.first_rows(rows.numel()))
     return tau
 
 
-def _head_weight(q, p, mu, buf_a, buf_b):
+def _head_weight(q, p, mu, ws):
     """AKL's head weight g_head / (g_head + g_tail) per row [n] for probabilities [n, V]; 1/2 where q == p.
-    buf_a, buf_b: [n, V] scratch."""
-    tau = _head_threshold_rows(p, mu)
-    err = torch.sub(p, q, out=buf_a).abs_()
+    ws: a Scratch of p's shape (its buffers 0 and 1 are overwritten)."""
+    tau = _head_threshold_rows(p, mu, ws)
+    err = torch.sub(p, q, out=ws.scratch(0)).abs_()
     g_total = err.sum(-1)
     # a float 0/1 head indicator and a dot product: much faster on CPU than a bool mask and masked_fill
-    g_head = rowdot(err, torch.ge(p, tau.unsqueeze(-1), out=buf_b))
+    g_head = ws.dot(err, torch.ge(p, tau.unsqueeze(-1), out=ws.scratch(1)))
     # The reference code divides 0 by 0 when p == q; any weights give loss 0 and gradient 0 there.
     exact = g_total == 0
     return torch.where(exact, 0.5, g_head / torch.where(exact, 1, g_total))
@@ -302,7 +321,7 @@ def akl_weights(logq, logp, mu):
     p, q = logp.exp(), logq.exp()
     vocab = p.shape[-1]
     p2, q2 = p.reshape(-1, vocab).contiguous(), q.reshape(-1, vocab).contiguous()
-    w_head = _head_weight(q2, p2, mu, torch.empty_like(p2), torch.empty_like(p2)).reshape(p.shape[:-1])
+    w_head = _head_weight(q2, p2, mu, Scratch.like(p2)).reshape(p.shape[:-1])
     return w_head, 1 - w_head
 
 
