@@ -227,24 +227,16 @@ def test_js_jumps_at_the_endpoints():
     torch.testing.assert_close(kdiv.js(s, t, beta=1.0, reduction="none"), rkl)
 
 
-def _srkl_small_alpha_is_inaccurate():
-    got = kdiv.skew_reverse_kl(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, -30.0]]), alpha=1e-6).item()
-    want = reference.skew_reverse_kl(np.zeros((1, 2)), np.array([[0.0, -30.0]]), alpha=1e-6)[0]
-    return abs(got - want) > 1e-5 * want
-
-
-# KNOWN BUG (reported; commit b852e7c): skew_reverse_kl forms m/q as 1 + (1 - alpha)(p/q - 1) in the compute
-# dtype; where p << q and alpha is small that cancels, and in float32 the value is off by 1e-3 (alpha=1e-6) to
-# 1e-2 (alpha=1e-7) relative. Expected to fail only while the bug is present; an ordinary test once it is fixed.
-@pytest.mark.xfail(condition=_srkl_small_alpha_is_inaccurate(), raises=AssertionError, strict=True,
-                   reason="skew_reverse_kl small-alpha float32 cancellation")
+# skew_reverse_kl once formed m/q as 1 + (1 - alpha)(p/q - 1), which cancels in float32 where p << q and alpha is
+# small (1e-2 relative error at alpha=1e-7); skew_kl has the mirror-image risk where q << p
 @pytest.mark.parametrize("alpha", [1e-7, 1e-6, 1e-4])
 def test_skew_small_alpha_float32(alpha):
-    s = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
-    t = torch.tensor([[0.0, -30.0], [0.0, -math.inf]])
-    for name in ("skew_kl", "skew_reverse_kl"):
-        got = kdiv.get(name, alpha=alpha)(s, t, reduction="none")
-        np.testing.assert_allclose(got.numpy(), ref(name, s, t, alpha=alpha), rtol=1e-5, err_msg=name)
+    flat = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    one_sided = torch.tensor([[0.0, -30.0], [0.0, -math.inf]])
+    for s, t in ((flat, one_sided), (one_sided, flat)):
+        for name in ("skew_kl", "skew_reverse_kl"):
+            got = kdiv.get(name, alpha=alpha)(s, t, reduction="none")
+            np.testing.assert_allclose(got.numpy(), ref(name, s, t, alpha=alpha), rtol=1e-5, err_msg=name)
 
 
 def _teacher_logits(kind, shape, rng):
@@ -497,11 +489,9 @@ def test_masked_tokens_get_no_gradient(name):
     assert (x.grad[mask].abs().sum(-1) > 0).all()
 
 
-# KNOWN BUG (reported, not fixed here): the custom autograd Function in kdiv.chunked returns a gradient computed
-# in forward, with no graph back to the student logits. With create_graph=True (gradient penalties, Hessian-vector
-# products) the divergence's second-order term is then silently dropped whenever another term of the loss does
-# have a graph. Either an error (e.g. torch.autograd.function.once_differentiable) or the right answer passes.
-@pytest.mark.xfail(raises=AssertionError, strict=False, reason="double backward drops the second-order term")
+# The gradient is computed in forward, with no graph back to the student logits. With create_graph=True (gradient
+# penalties, Hessian-vector products) the divergence's second-order term must not be silently dropped when another
+# term of the loss does have a graph: an error or the right answer passes.
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl"])
 def test_double_backward_is_right_or_refused(name):
     s, t = random_logits((3, 5), seed=40, dtype=torch.float64)
