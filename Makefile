@@ -41,7 +41,7 @@ unit: $(STAMP)
 
 nbval: $(STAMP)
 ifneq ($(NOTEBOOKS),)
-	$(BIN)/pytest -p no:cacheprovider --nbval --nbval-current-env \
+	$(BIN)/pytest -p no:cacheprovider --nbval --nbval-current-env --nbval-cell-timeout=300 \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS)
 else
 	@echo "no notebooks yet: nothing for nbval"
