@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from kdiv.chunked import LOG_FLOOR
 from kdiv.headtail import head_threshold
 

@@ -111,28 +111,29 @@ class Chunk(Scratch):
     softmaxes; ``lse_s``, ``lse_t`` [n, 1]: their logsumexp (computed on first use), so that
     ``log q = zs - lse_s``; ``grad`` [n, V] or None: where the kernel writes ``scale * d loss / d zs`` (None when
     the student needs no gradient); ``scratch(i)`` [n, V], i < MAX_SCRATCH: buffers the kernel may overwrite;
-    ``dot(a, b)``: row dot products.
+    ``dot(a, b)``: row dot products; ``floored``: True on the floored path, where a kernel must not divide by a
+    probability (a finite logit can still underflow) and the logits are log-probabilities.
     """
 
-    __slots__ = ("zs", "zt", "q", "p", "ms", "mt", "grad", "scale", "_lse_s", "_lse_t")
+    __slots__ = ("zs", "zt", "q", "p", "grad", "scale", "floored", "_lse_s", "_lse_t")
 
-    def __init__(self, zs, zt, q, p, ms, mt, grad, scale, buffers, dot_buffer):
+    def __init__(self, zs, zt, q, p, grad, scale, buffers, dot_buffer, floored=False):
         super().__init__(buffers, dot_buffer)
-        self.zs, self.zt, self.q, self.p, self.ms, self.mt = zs, zt, q, p, ms, mt
-        self.grad, self.scale = grad, scale
+        self.zs, self.zt, self.q, self.p = zs, zt, q, p
+        self.grad, self.scale, self.floored = grad, scale, floored
         self._lse_s = self._lse_t = None
 
     @property
     def lse_s(self) -> torch.Tensor:
         if self._lse_s is None:
             # max(softmax) = exp(max(z) - lse): a reduction instead of a second exp pass over the row
-            self._lse_s = (self.ms - self.q.amax(-1).log_()).unsqueeze(-1)
+            self._lse_s = (self.zs.amax(-1) - self.q.amax(-1).log_()).unsqueeze(-1)
         return self._lse_s
 
     @property
     def lse_t(self) -> torch.Tensor:
         if self._lse_t is None:
-            self._lse_t = (self.mt - self.p.amax(-1).log_()).unsqueeze(-1)
+            self._lse_t = (self.zt.amax(-1) - self.p.amax(-1).log_()).unsqueeze(-1)
         return self._lse_t
 
 
@@ -203,6 +204,40 @@ def _workers(n_threads: int) -> ThreadPoolExecutor | None:
     return _executor if _threads_usable else None
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The gradient tensor. A fresh [N, V] tensor costs its first-touch page faults, which on a CPU are a large part of
+# the whole call (about 0.5 ms per MiB in 4 KiB pages on the machine the benchmark ran on). Where the kernel's
+# transparent huge pages are in "madvise" mode (the default of many distributions), advising the gradient's pages
+# as huge pages (what torch's own allocator does under THP_MEM_ALLOC_ENABLE=1) makes them about 3x cheaper.
+# ---------------------------------------------------------------------------------------------------------------
+
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE = 14
+_madvise = None
+
+
+def _advise_huge_pages(t: torch.Tensor) -> None:
+    global _madvise
+    if t.device.type != "cpu" or t.nbytes < 4 * _HUGE_PAGE or not sys.platform.startswith("linux"):
+        return
+    if _madvise is None:
+        try:
+            _madvise = ctypes.CDLL(None, use_errno=True).madvise
+            _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _madvise = False
+    if _madvise:
+        start = (t.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+        stop = (t.data_ptr() + t.nbytes) & ~(_HUGE_PAGE - 1)
+        _madvise(start, stop - start, _MADV_HUGEPAGE)  # advice only: a failure changes nothing
+
+
+def _fresh_gradient(student: torch.Tensor) -> torch.Tensor:
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    _advise_huge_pages(grad)
+    return grad
+
+
 class _Engine:
     """Runs one kernel over blocks of rows; every worker reuses one set of chunk buffers for all its blocks."""
 
@@ -213,24 +248,34 @@ class _Engine:
         self.buffer_rows = max(1, min(chunk_rows, n_buffer_rows))
         self.grad = None
         if want_grad:
-            self.grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+            self.grad = _fresh_gradient(student)
 
     def _buffers(self):
-        # q, p, the two scaled logits (when they cannot be views of the inputs), the gradient block (when it cannot
-        # be written in place), the dot product's, the kernel's scratch: one allocation per worker
-        return torch.empty(_FIXED_BUFFERS + MAX_SCRATCH, self.buffer_rows, self.student.shape[1], dtype=self.dtype,
+        """A worker's chunk buffers: q, p, the two scaled logits (when they cannot be views of the inputs), the
+        gradient block (when it cannot be written in place), the dot product's, the kernel's scratch; one
+        allocation, cut into views once per block size."""
+        pool = torch.empty(_FIXED_BUFFERS + MAX_SCRATCH, self.buffer_rows, self.student.shape[1], dtype=self.dtype,
                            device=self.student.device)
+        cache = {}
 
-    def run(self, blocks, loss, maxima, floored=False):
-        """Every block of rows: loss into loss[block], maxima (if not None) into maxima[:, block], gradient into
-        self.grad; on worker threads where the inputs are on the CPU and there are blocks enough."""
+        def views(n):
+            if n not in cache:
+                cut = pool[:, :n]
+                cache[n] = (*cut[:_FIXED_BUFFERS].unbind(0), cut[_FIXED_BUFFERS:])
+            return cache[n]
+
+        return views
+
+    def run(self, blocks, loss, floored=False):
+        """Every block of rows: loss into loss[block], gradient into self.grad; on worker threads where the inputs
+        are on the CPU and there are blocks enough."""
         blocks = list(blocks)
         n_threads = min(torch.get_num_threads(), len(blocks))
         pool = _workers(n_threads) if n_threads > 1 and self.student.device.type == "cpu" else None
         if pool is None:
             buffers = self._buffers()
             for block in blocks:
-                self.run_block(block, buffers, loss, maxima, floored)
+                self.run_block(block, buffers, loss, floored)
             return
         queue, lock = iter(blocks), threading.Lock()
 
@@ -242,7 +287,7 @@ class _Engine:
                         block = next(queue, None)
                     if block is None:
                         return
-                    self.run_block(block, buffers, loss, maxima, floored)
+                    self.run_block(block, buffers, loss, floored)
 
         for future in [pool.submit(work) for _ in range(n_threads)]:
             future.result()
@@ -266,22 +311,20 @@ class _Engine:
             buf.copy_(torch.log_softmax(buf, -1).nan_to_num_(nan=0.0, posinf=0.0, neginf=LOG_FLOOR))
         return buf
 
-    def run_block(self, block, buffers, loss, maxima, floored=False):
+    def run_block(self, block, buffers, loss, floored=False):
         """Loss of the rows `block` (a slice or an index tensor) into loss[block], gradient into self.grad."""
         n = (block.stop - block.start) if isinstance(block, slice) else block.numel()
-        pool = buffers[:, :n]
-        q, p, zs_buf, zt_buf, grad_buf, dot_buf = pool[:_FIXED_BUFFERS]
+        q, p, zs_buf, zt_buf, grad_buf, dot_buf, scratch = buffers(n)
         zs = self._logits(self.student, block, zs_buf, floored)
         zt = self._logits(self.teacher, block, zt_buf, floored)
         torch.ops.aten._softmax.out(zs, -1, False, out=q)
         torch.ops.aten._softmax.out(zt, -1, False, out=p)
-        ms, mt = zs.amax(-1), zt.amax(-1)
         grad, direct = None, False
         if self.want_grad:
             # fp32 gradient rows that are consecutive are written in place; others go through a buffer
             direct = isinstance(block, slice) and self.grad.dtype == self.dtype
             grad = self.grad[block] if direct else grad_buf
-        chunk = Chunk(zs, zt, q, p, ms, mt, grad, self.scale, pool[_FIXED_BUFFERS:], dot_buf)
+        chunk = Chunk(zs, zt, q, p, grad, self.scale, scratch, dot_buf, floored)
         loss[block] = self.kernel(chunk, **self.hyper)
         if floored and grad is not None:
             # The kernel differentiated with respect to the floored log-probabilities as if they were free logits.
@@ -291,14 +334,21 @@ class _Engine:
             floor = torch.isneginf(self.student[block]).to(self.dtype)
             torch.addcmul(grad, q, chunk.dot(grad, floor).unsqueeze(-1), out=grad)
             grad.mul_(floor.sub_(1).neg_())
-        if maxima is not None:
-            maxima[0][block] = ms
-            maxima[1][block] = mt
         if grad is not None and not direct:
             if isinstance(block, slice):
                 self.grad[block] = grad
             else:
                 self.grad.index_copy_(0, block, grad.to(self.grad.dtype))
+
+
+def _check_rows(student, teacher, rows):
+    """ValueError for NaN / +inf, or all -inf, among the given rows of either logits."""
+    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
+        m = x.index_select(0, rows).amax(-1)
+        if bool((torch.isnan(m) | (m == math.inf)).any()):
+            raise ValueError(f"{name} contains NaN or +inf")
+        if bool((m == -math.inf).any()):
+            raise ValueError(f"{name} has a counted token whose logits are all -inf")
 
 
 def _chunked_pass(student, teacher, counted, kernel, hyper, temperature, chunk_rows, want_grad, scale):
@@ -312,23 +362,18 @@ def _chunked_pass(student, teacher, counted, kernel, hyper, temperature, chunk_r
     engine = _Engine(student, teacher, kernel, hyper, temperature, chunk_rows, n_work, want_grad, scale)
     dtype = engine.dtype
     loss = torch.zeros(n_rows, dtype=dtype, device=student.device)
-    # row maxima of both logits: NaN/+inf and all -inf rows show there, checked once at the end
-    maxima = torch.zeros(2, n_rows, dtype=dtype, device=student.device)
     if engine.grad is not None and rows is not None:
         engine.grad.index_fill_(0, (~counted).nonzero().squeeze(1), 0)
-    engine.run(_row_blocks(n_rows, rows, chunk_rows), loss, maxima)
+    engine.run(_row_blocks(n_rows, rows, chunk_rows), loss)
 
-    for k, name in enumerate(("student_logits", "teacher_logits")):
-        m = maxima[k]
-        if bool((torch.isnan(m) | (m == math.inf)).any()):
-            raise ValueError(f"{name} contains NaN or +inf")
-        if bool((m == -math.inf).any()):
-            raise ValueError(f"{name} has a counted token whose logits are all -inf")
-
-    # rows whose fast-path loss is not finite hold a -inf logit: compute them again on the floored path
+    # rows whose fast-path loss is not finite hold a -inf logit, or a probability that underflows where a kernel
+    # divides by it: compute them again on the floored path, where kernels do neither
+    # (NaN, +inf or all -inf in a row make its softmax NaN, and so its loss: those rows are checked here, once)
     bad = ~torch.isfinite(loss)
     if bool(bad.any()):
-        engine.run(_row_blocks(n_rows, bad.nonzero().squeeze(1), chunk_rows), loss, None, floored=True)
+        bad_rows = bad.nonzero().squeeze(1)
+        _check_rows(student, teacher, bad_rows)
+        engine.run(_row_blocks(n_rows, bad_rows, chunk_rows), loss, floored=True)
     return loss, engine.grad
 
 

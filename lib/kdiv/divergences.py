@@ -97,38 +97,46 @@ def _symmetric_kl_rows(c, *, w):
     return (1 - w) * fkl + w * rkl
 
 
-# log(p/q) is clamped at this value: beyond it q < exp(-80) p, and every term the mixture kernels take from it is
-# within 1e-34 of its limit (log(p/m) -> -log(weight of p in m), q * log(q/m) -> 0).
+# log(p/q) is clamped at this value on the floored path: beyond it q < exp(-80) p, and every term the mixture
+# kernels take from it is within 1e-34 of its limit (log(p/m) -> -log(weight of p in m), q log(q/m) -> 0).
 _MAX_LOG_RATIO = 80.0
 
 
 def _log_ratio(c):
-    """log(p / q) per element, from the logits (so it neither underflows nor rounds through the probabilities),
-    clamped at _MAX_LOG_RATIO, in scratch(0). NaN where both logits are -inf, -inf where only the teacher's is."""
+    """log(p / q) per element from the logits, in scratch(0): -inf where only the teacher's logit is -inf, NaN
+    where both are; either makes the loss of that row non-finite (see the module comment above)."""
     delta = torch.sub(c.zt, c.zs, out=c.scratch(0)).add_(c.lse_s - c.lse_t)
-    return delta.clamp_max_(_MAX_LOG_RATIO)
+    return delta.clamp_max_(_MAX_LOG_RATIO) if c.floored else delta
 
 
-# The mixture kernels (js, skew_kl, skew_reverse_kl) need, for m = a p + (1 - a) q, log(m/q) = log(1 + x) with
-# x = a (p/q - 1) = a expm1(log p/q). In that form every log term is exactly 0 where p == q and keeps its relative
-# precision where p ~ q, and no log-probability of magnitude ~|logit| is subtracted from another (which costs ~1e-6
-# in float32). 1 + x >= 1 - a, so when a is close to 1 the sum cancels where p << q; there m/q = (1 - a) + a p/q is
-# formed directly instead (an extra exp and log per element, for a > _NEAR_ONE only).
+# The mixture kernels (js, skew_kl, skew_reverse_kl) need, for m = a p + (1 - a) q, log(m/q) = log1p(x) with
+# x = a (p/q - 1). In that form every log term is exactly 0 where p == q and keeps its precision where p ~ q, and
+# no log-probability of magnitude ~|logit| is subtracted from another (which costs ~1e-6 in float32). The fast
+# path forms x = a (p - q) / q from the probabilities (a division, where an expm1 would cost about a third of the
+# whole kernel); a q that underflows to 0 makes that row's loss non-finite, and the engine's floored path, which
+# forms x = a expm1(log p/q) from the logits instead, recomputes it. 1 + x >= 1 - a: when a is close to 1 the sum
+# cancels where p << q, so there m/q = (1 - a) + a p/q is formed directly (a few more passes, a > _NEAR_ONE only).
 _NEAR_ONE = 0.95
 
 
 def _log_mix_ratio(c, a):
-    """(log p/q in scratch(0), m/q in scratch(1), log m/q in scratch(2)) for m = a p + (1 - a) q."""
-    delta = _log_ratio(c)
-    x = torch.expm1(delta, out=c.scratch(1)).mul_(a)
+    """(m/q in scratch(1), log m/q in scratch(2)) for m = a p + (1 - a) q. Uses scratch(0) on the floored path."""
+    if c.floored:
+        x = torch.expm1(_log_ratio(c), out=c.scratch(1)).mul_(a)
+    else:
+        x = torch.sub(c.p, c.q, out=c.scratch(1)).div_(c.q).mul_(a)
     log_mq = torch.log1p(x, out=c.scratch(2))
     mq = x.add_(1.0)
     if a > _NEAR_ONE:
-        direct = torch.exp(delta, out=c.scratch(3)).mul_(a).add_(1.0 - a)
+        if c.floored:
+            direct = torch.exp(c.scratch(0), out=c.scratch(3))
+        else:
+            direct = torch.div(c.p, c.q, out=c.scratch(3))
+        direct.mul_(a).add_(1.0 - a)
         far = direct < 0.5
         torch.where(far, direct, mq, out=mq)
         torch.where(far, direct.log_(), log_mq, out=log_mq)
-    return delta, mq, log_mq
+    return mq, log_mq
 
 
 def _js_rows(c, *, beta):
@@ -136,9 +144,9 @@ def _js_rows(c, *, beta):
         return _forward_kl_rows(c)
     if beta == 1.0:
         return _reverse_kl_rows(c)
-    delta, _, log_mq = _log_mix_ratio(c, beta)
+    _, log_mq = _log_mix_ratio(c, beta)
     kl_qm = -c.dot(c.q, log_mq)
-    kl_pm = c.dot(c.p, delta.sub_(log_mq))  # log(p/m) = log(p/q) - log(m/q)
+    kl_pm = c.dot(c.p, _log_ratio(c).sub_(log_mq))  # log(p/m) = log(p/q) - log(m/q)
     if c.grad is not None:
         # dL/dq = (1 - beta) * log(q / m): the terms from m's dependence on q cancel
         s = (1 - beta) * c.scale
@@ -170,8 +178,8 @@ def _skew_kl_rows(c, *, alpha):
         return _forward_kl_rows(c)
     if alpha == 1.0:
         return _zero_rows(c)
-    delta, mq, log_mq = _log_mix_ratio(c, alpha)
-    loss = c.dot(c.p, delta.sub_(log_mq))  # sum p log(p/m)
+    mq, log_mq = _log_mix_ratio(c, alpha)
+    loss = c.dot(c.p, _log_ratio(c).sub_(log_mq))  # sum p log(p/m)
     if c.grad is not None:
         # dL/dq = -(1 - alpha) p / m = -(1 - alpha)^2 / alpha * (1 - q/m) + a constant, which cancels through the
         # softmax; 1 - q/m = (m/q - 1) / (m/q) is exactly 0 where p == q
@@ -187,7 +195,7 @@ def _skew_reverse_kl_rows(c, *, alpha):
         return _reverse_kl_rows(c)
     if alpha == 1.0:
         return _zero_rows(c)
-    _, mq, log_mq = _log_mix_ratio(c, 1.0 - alpha)
+    mq, log_mq = _log_mix_ratio(c, 1.0 - alpha)
     loss = -c.dot(c.q, log_mq)  # sum q log(q/m)
     if c.grad is not None:
         # dL/dq = log(q/m) + 1 - alpha q/m = alpha (1 - q/m) - log(m/q) + (1 - alpha); the constant cancels

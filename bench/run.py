@@ -1,0 +1,299 @@
+"""Forward + backward time and peak memory of kdiv's chunked divergences at LLM vocabulary sizes.
+
+For each shape N x V and each token-level divergence, three things run in one process, interleaved:
+
+- ``kdiv``: the chunked divergence (lib/kdiv/divergences.py);
+- ``plain``: the same divergence written the usual way, with [N, V] temporaries and autograd (bench/plain.py);
+- ``ce``: ``torch.nn.functional.cross_entropy`` with soft targets (the teacher's probabilities) on the same shape,
+  the yardstick of the targets (see the README's Performance section).
+
+Time: one forward + backward (``loss.backward()`` into the student's ``.grad``), wall clock, the median over
+``--repeats`` rounds; every round runs every case once (CE at its start and at its end), so that a slower or faster
+spell of a shared machine hits all cases alike. Ratios are of medians.
+
+Memory (CPU): extra peak resident memory beyond the inputs, which includes the gradient the call returns. Before
+each case's first (untimed) run the process returns freed heap memory to the system (``malloc_trim``), reads its
+resident set size, and resets its peak (``/proc/self/clear_refs``); after the run the peak (``VmHWM``) minus that
+baseline is the case's extra memory. The inputs (student and teacher logits, the CE targets) exist before the
+baseline. On CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated memory before the run.
+
+Usage: ``python bench/run.py`` (``make bench``), ``--quick`` (``make bench QUICK=1``: one round, N / 4), see
+``--help``. Writes figures/bench_<device>.png and bench/results_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import kdiv
+import plain  # bench/plain.py, beside this script
+import torch
+from kdiv import chunked
+
+HERE = Path(__file__).resolve().parent
+
+SHAPES = [(4096, 32000), (1024, 128256), (512, 256000)]
+NAMES = list(kdiv.DIVERGENCES)
+# Gaussian logits of std 4: a teacher whose AKL head is a handful to a few dozen tokens (entropy 4-6 nats). AKL is
+# also run on std-2 logits, whose head is hundreds to thousands of tokens (entropy 8-10 nats): its slow case.
+LOGIT_STD = 4.0
+STRESS_STD = 2.0
+TARGETS = {"time": 0.6, "time_akl": 1.5, "memory": 1.25}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+class PeakMemory:
+    """Extra peak memory of a block of code: RSS high-water mark on CPU (Linux), the allocator's peak on CUDA."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._libc = ctypes.CDLL("libc.so.6") if device == "cpu" and sys.platform.startswith("linux") else None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            if self._libc is not None:
+                self._libc.malloc_trim(0)
+            self._base = _status_bytes("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.extra = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self.extra = _status_bytes("VmHWM") - self._base
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_inputs(n, vocab, device, std, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    student = torch.randn(n, vocab, generator=g, device=device).mul_(std)
+    teacher = torch.randn(n, vocab, generator=g, device=device).mul_(std)
+    return student, teacher
+
+
+def fwd_bwd(fn, student, target):
+    """One forward + backward; returns the gradient (kept alive until the caller drops it)."""
+    x = student.detach().requires_grad_()
+    fn(x, target).backward()
+    return x.grad
+
+
+def run_case(fn, student, target, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    grad = fwd_bwd(fn, student, target)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    del grad
+    return elapsed
+
+
+def bench_shape(n, vocab, device, repeats, names, log):
+    """{case: {"times": [...], "memory": bytes}} for one shape; cases "ce", "kdiv/<name>", "plain/<name>",
+    "kdiv/akl@stress"."""
+    student, teacher = make_inputs(n, vocab, device, LOGIT_STD)
+    targets = torch.softmax(teacher, dim=-1)  # CE's soft targets: an input, made before any measurement
+    cases = {"ce": (plain.soft_cross_entropy, targets)}
+    for name in names:
+        cases[f"kdiv/{name}"] = (kdiv.DIVERGENCES[name], teacher)
+        cases[f"plain/{name}"] = (plain.DIVERGENCES[name], teacher)
+    results = {case: {"times": []} for case in cases}
+
+    # first run of every case: untimed warm-up, and the memory measurement
+    for case, (fn, target) in cases.items():
+        with PeakMemory(device) as mem:
+            grad = fwd_bwd(fn, student, target)
+            del grad
+        results[case]["memory"] = mem.extra
+        log(f"  warm-up {case}: extra memory {mem.extra / 2**20:.0f} MiB")
+
+    order = ["ce"] + [c for c in cases if c != "ce"] + ["ce"]
+    for r in range(repeats):
+        for case in order:
+            fn, target = cases[case]
+            results[case]["times"].append(run_case(fn, student, target, device))
+        log(f"  round {r + 1}/{repeats}: ce {statistics.median(results['ce']['times']):.2f} s")
+
+    if "akl" in names:
+        # AKL again with a flatter teacher (large head): the same student, the teacher logits scaled down
+        teacher.mul_(STRESS_STD / LOGIT_STD)
+        fn = kdiv.DIVERGENCES["akl"]
+        with PeakMemory(device) as mem:
+            grad = fwd_bwd(fn, student, teacher)
+            del grad
+        times = [run_case(fn, student, teacher, device) for _ in range(repeats)]
+        results["kdiv/akl@stress"] = {"times": times, "memory": mem.extra}
+    del student, teacher, targets
+    gc.collect()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def summarise(results, n, vocab):
+    """Per divergence: median seconds and ratios to CE (time) and to one fp32 logits tensor (extra memory)."""
+    logits_bytes = n * vocab * 4
+    ce = statistics.median(results["ce"]["times"])
+    rows = {}
+    for case, r in results.items():
+        t = statistics.median(r["times"])
+        rows[case] = {"seconds": t, "time_vs_ce": t / ce, "memory_vs_logits": r["memory"] / logits_bytes}
+    return rows
+
+
+def print_table(shape_rows, names, out=print):
+    for (n, vocab), rows in shape_rows.items():
+        ce = rows["ce"]
+        out(f"\nN x V = {n} x {vocab} (fp32)   soft-target CE: {ce['seconds']:.2f} s, extra memory "
+            f"{ce['memory_vs_logits']:.2f} x logits")
+        out(f"{'divergence':<18}{'kdiv s':>8}{'plain s':>9}{'kdiv/CE':>9}{'plain/CE':>9}{'kdiv/plain':>11}"
+            f"{'mem kdiv':>10}{'mem plain':>10}   (memory: extra peak / one logits tensor)")
+        for name in names:
+            k, p = rows[f"kdiv/{name}"], rows[f"plain/{name}"]
+            out(f"{name:<18}{k['seconds']:>8.2f}{p['seconds']:>9.2f}{k['time_vs_ce']:>9.2f}{p['time_vs_ce']:>9.2f}"
+                f"{k['seconds'] / p['seconds']:>11.2f}{k['memory_vs_logits']:>10.2f}{p['memory_vs_logits']:>10.2f}")
+        if "kdiv/akl@stress" in rows:
+            k = rows["kdiv/akl@stress"]
+            out(f"{'akl, std-2 logits':<18}{k['seconds']:>8.2f}{'':>9}{k['time_vs_ce']:>9.2f}{'':>9}{'':>11}"
+                f"{k['memory_vs_logits']:>10.2f}")
+
+
+def plot(shape_rows, names, device, path_name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import kdiv.plotting as kp
+
+    kp.use_style()
+    fig, axes = kp.subplots(1, 2, width=11.0, height=4.2)
+    shapes = list(shape_rows)
+    width = 0.8 / len(shapes)
+    shades = [0.35, 0.65, 1.0][-len(shapes):]
+    for ax, key, target_lines, title in (
+        (axes[0], "time_vs_ce", [(TARGETS["time"], "target 0.6"), (TARGETS["time_akl"], "AKL target 1.5")],
+         "forward + backward time / soft-target CE"),
+        (axes[1], "memory_vs_logits", [(TARGETS["memory"], "target 1.25")],
+         "extra peak memory / one logits tensor"),
+    ):
+        for j, shape in enumerate(shapes):
+            rows = shape_rows[shape]
+            xs = [i + (j - (len(shapes) - 1) / 2) * width for i in range(len(names))]
+            kd = [rows[f"kdiv/{nm}"][key] for nm in names]
+            pl = [rows[f"plain/{nm}"][key] for nm in names]
+            _ = ax.bar(xs, pl, width * 0.9, color="#bbbbbb", alpha=shades[j], edgecolor="none",
+                       label=f"plain, {shape[0]}x{shape[1]}")
+            _ = ax.bar(xs, kd, width * 0.9, color=[kp.color(nm) for nm in names], alpha=shades[j],
+                       edgecolor="black", linewidth=0.4, label=f"kdiv, {shape[0]}x{shape[1]}")
+        ce = [shape_rows[s]["ce"][key] for s in shapes]
+        if key == "memory_vs_logits":
+            _ = ax.axhline(statistics.median(ce), color="black", linestyle=":", linewidth=1)
+            _ = ax.annotate("soft-target CE", (len(names) - 0.5, statistics.median(ce)), ha="right",
+                            va="bottom", fontsize=8)
+        for value, text in target_lines:
+            _ = ax.axhline(value, color="black", linestyle="--", linewidth=0.8)
+            _ = ax.annotate(text, (-0.5, value), ha="left", va="bottom", fontsize=8)
+        _ = ax.set_xticks(range(len(names)), [kp.label(nm) for nm in names], rotation=35, ha="right")
+        _ = ax.set_yscale("log")
+        _ = ax.set_title(title, fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    kp.legend_outside(fig, handles=handles, labels=labels, ncols=len(shapes))
+    fig.suptitle(f"kdiv (colour) vs plain PyTorch (grey), {device.upper()}, fp32; lighter = smaller V", fontsize=10)
+    return kp.savefig(fig, path_name)
+
+
+def machine_info(device):
+    info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "chunk_elements": chunked.CHUNK_ELEMENTS}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+        info["cores"] = os.cpu_count()
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one round, N / 4 (about a minute on 2 cores)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per shape (default 3, quick 1)")
+    ap.add_argument("--shapes", default=None, help="comma-separated NxV, default 4096x32000,1024x128256,512x256000")
+    ap.add_argument("--names", default=None, help="comma-separated divergences (default: all)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--no-figure", action="store_true")
+    args = ap.parse_args(argv)
+
+    shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.quick:
+        shapes = [(max(1, n // 4), v) for n, v in shapes]
+    repeats = args.repeats or (1 if args.quick else 3)
+    names = NAMES if args.names is None else args.names.split(",")
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    start = time.time()
+    load_before = os.getloadavg()
+    shape_rows, raw = {}, {}
+    for n, vocab in shapes:
+        log(f"{n} x {vocab}")
+        results = bench_shape(n, vocab, args.device, repeats, names, log)
+        raw[f"{n}x{vocab}"] = results
+        shape_rows[(n, vocab)] = summarise(results, n, vocab)
+    info = machine_info(args.device)
+    info.update({"repeats": repeats, "logit_std": LOGIT_STD, "stress_std": STRESS_STD,
+                 "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                 "wall_seconds": round(time.time() - start, 1)})
+
+    print(f"kdiv benchmark, {args.device}, torch {info['torch']}, {info['threads']} threads, median of {repeats} "
+          f"round(s); load average {load_before[0]:.1f} before, {info['load_average_after'][0]:.1f} after")
+    print_table(shape_rows, names)
+    suffix = "" if not args.quick and args.shapes is None and args.names is None else "_partial"
+    out = HERE / f"results_{args.device}{suffix}.json"
+    out.write_text(json.dumps({"machine": info, "summary": {f"{n}x{v}": rows for (n, v), rows in shape_rows.items()},
+                               "raw": raw}, indent=1, sort_keys=True) + "\n")
+    print(f"\nwrote {out.relative_to(HERE.parent)}")
+    if not args.no_figure and not suffix:
+        path = plot(shape_rows, names, args.device, f"bench_{args.device}")
+        print(f"wrote {path.relative_to(HERE.parent)}")
+
+
+if __name__ == "__main__":
+    main()
