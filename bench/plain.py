@@ -63,6 +63,8 @@ def symmetric_kl(student_logits, teacher_logits, *, w=0.5, temperature=1.0, mask
 
 def _log_mix(loga, logb, weight_a):
     """log(weight_a * a + (1 - weight_a) * b) from log a, log b."""
+    if weight_a == 1.0:
+        return loga + 0 * logb  # (keeps the student in the graph, with gradient 0)
     return torch.logaddexp(loga + math.log(weight_a), logb + math.log1p(-weight_a))
 
 

@@ -7,9 +7,10 @@ For each shape N x V and each token-level divergence, three things run in one pr
 - ``ce``: ``torch.nn.functional.cross_entropy`` with soft targets (the teacher's probabilities) on the same shape,
   the yardstick of the targets (see the README's Performance section).
 
-Time: one forward + backward (``loss.backward()`` into the student's ``.grad``), wall clock, the median over
-``--repeats`` rounds; every round runs every case once (CE at its start and at its end), so that a slower or faster
-spell of a shared machine hits all cases alike. Ratios are of medians.
+Time: one forward + backward (``loss.backward()`` into the student's ``.grad``), wall clock. kdiv and CE: the
+median over ``--repeats`` rounds, every round running every kdiv case once and CE at its start and at its end, so
+that a slower or faster spell of a shared machine hits all cases alike; ratios are of medians. The plain versions
+take 3 to 35 times as long as CE: they are timed once, in their memory run.
 
 Memory (CPU): extra peak resident memory beyond the inputs, which includes the gradient the call returns. Before
 each case's first (untimed) run the process returns freed heap memory to the system (``malloc_trim``), reads its
@@ -134,15 +135,17 @@ def bench_shape(n, vocab, device, repeats, names, log):
         cases[f"plain/{name}"] = (plain.DIVERGENCES[name], teacher)
     results = {case: {"times": []} for case in cases}
 
-    # first run of every case: untimed warm-up, and the memory measurement
+    # First run of every case: the memory measurement; a warm-up for kdiv and CE, and the one timed run of each
+    # plain version (they take 3 to 35 times as long as CE; one run is enough to place them).
     for case, (fn, target) in cases.items():
         with PeakMemory(device) as mem:
-            grad = fwd_bwd(fn, student, target)
-            del grad
+            elapsed = run_case(fn, student, target, device)
         results[case]["memory"] = mem.extra
-        log(f"  warm-up {case}: extra memory {mem.extra / 2**20:.0f} MiB")
+        if case.startswith("plain/"):
+            results[case]["times"].append(elapsed)
+        log(f"  first run {case}: {elapsed:.2f} s, extra memory {mem.extra / 2**20:.0f} MiB")
 
-    order = ["ce"] + [c for c in cases if c != "ce"] + ["ce"]
+    order = ["ce"] + [c for c in cases if c.startswith("kdiv/")] + ["ce"]
     for r in range(repeats):
         for case in order:
             fn, target = cases[case]
@@ -197,45 +200,56 @@ def print_table(shape_rows, names, out=print):
 
 
 def plot(shape_rows, names, device, path_name):
+    """Two panels, time / CE and extra memory / logits: kdiv as bars (one shade per shape), the plain versions as
+    grey diamonds, soft-target CE and the targets as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import kdiv.plotting as kp
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     kp.use_style()
-    fig, axes = kp.subplots(1, 2, width=11.0, height=4.2)
-    shapes = list(shape_rows)
+    fig, axes = kp.subplots(1, 2, width=11.0, height=4.4)
+    shapes = sorted(shape_rows, key=lambda shape: shape[1])
     width = 0.8 / len(shapes)
-    shades = [0.35, 0.65, 1.0][-len(shapes):]
-    for ax, key, target_lines, title in (
-        (axes[0], "time_vs_ce", [(TARGETS["time"], "target 0.6"), (TARGETS["time_akl"], "AKL target 1.5")],
-         "forward + backward time / soft-target CE"),
-        (axes[1], "memory_vs_logits", [(TARGETS["memory"], "target 1.25")],
-         "extra peak memory / one logits tensor"),
+    shades = [0.45, 0.7, 1.0][-len(shapes):]
+    for ax, key, lines, title in (
+        (axes[0, 0], "time_vs_ce", [(1.0, "soft-target CE", ":"), (TARGETS["time"], "target 0.6", "--"),
+                                    (TARGETS["time_akl"], "AKL target 1.5", "--")],
+         "forward + backward time / soft-target CE's"),
+        (axes[0, 1], "memory_vs_logits", [(TARGETS["memory"], "target 1.25", "--")],
+         "extra peak memory / one fp32 logits tensor"),
     ):
         for j, shape in enumerate(shapes):
             rows = shape_rows[shape]
             xs = [i + (j - (len(shapes) - 1) / 2) * width for i in range(len(names))]
-            kd = [rows[f"kdiv/{nm}"][key] for nm in names]
-            pl = [rows[f"plain/{nm}"][key] for nm in names]
-            _ = ax.bar(xs, pl, width * 0.9, color="#bbbbbb", alpha=shades[j], edgecolor="none",
-                       label=f"plain, {shape[0]}x{shape[1]}")
-            _ = ax.bar(xs, kd, width * 0.9, color=[kp.color(nm) for nm in names], alpha=shades[j],
-                       edgecolor="black", linewidth=0.4, label=f"kdiv, {shape[0]}x{shape[1]}")
-        ce = [shape_rows[s]["ce"][key] for s in shapes]
+            _ = ax.bar(xs, [rows[f"kdiv/{nm}"][key] for nm in names], width * 0.9,
+                       color=[kp.color(nm) for nm in names], alpha=shades[j], edgecolor="black", linewidth=0.4)
+            _ = ax.plot(xs, [rows[f"plain/{nm}"][key] for nm in names], linestyle="none", marker="D",
+                        markersize=4, color="#777777")
+            if key == "time_vs_ce" and "kdiv/akl@stress" in rows and "akl" in names:
+                _ = ax.plot([xs[names.index("akl")]], [rows["kdiv/akl@stress"][key]], linestyle="none",
+                            marker="x", markersize=6, color="black")
         if key == "memory_vs_logits":
-            _ = ax.axhline(statistics.median(ce), color="black", linestyle=":", linewidth=1)
-            _ = ax.annotate("soft-target CE", (len(names) - 0.5, statistics.median(ce)), ha="right",
-                            va="bottom", fontsize=8)
-        for value, text in target_lines:
-            _ = ax.axhline(value, color="black", linestyle="--", linewidth=0.8)
-            _ = ax.annotate(text, (-0.5, value), ha="left", va="bottom", fontsize=8)
-        _ = ax.set_xticks(range(len(names)), [kp.label(nm) for nm in names], rotation=35, ha="right")
-        _ = ax.set_yscale("log")
+            ce = statistics.median(shape_rows[s]["ce"][key] for s in shapes)
+            lines = [(ce, "soft-target CE", ":")] + lines
+        for value, text, style in lines:
+            _ = ax.axhline(value, color="black", linestyle=style, linewidth=0.8)
+            _ = ax.annotate(text, (len(names) - 0.5, value), ha="right", va="bottom", fontsize=8)
+        _ = ax.set_xticks(range(len(names)), [kp.label(nm) for nm in names])
+        if key == "time_vs_ce":
+            _ = ax.set_yscale("log")
+        else:
+            _ = ax.set_ylim(0, None)
         _ = ax.set_title(title, fontsize=10)
-    handles, labels = axes[0].get_legend_handles_labels()
-    kp.legend_outside(fig, handles=handles, labels=labels, ncols=len(shapes))
-    fig.suptitle(f"kdiv (colour) vs plain PyTorch (grey), {device.upper()}, fp32; lighter = smaller V", fontsize=10)
+    handles = [Patch(facecolor="#999999", alpha=a, edgecolor="black", linewidth=0.4) for a in shades]
+    labels = [f"kdiv, {n} x {v}" for n, v in shapes]
+    handles += [Line2D([], [], linestyle="none", marker="D", markersize=4, color="#777777"),
+                Line2D([], [], linestyle="none", marker="x", markersize=6, color="black")]
+    labels += ["plain PyTorch", f"kdiv AKL, std-{STRESS_STD:g} logits (large head)"]
+    kp.legend_outside(fig, handles=handles, labels=labels, loc="outside lower center", ncols=len(handles))
+    fig.suptitle(f"{device.upper()}, fp32, forward + backward; bar colour = divergence, shade = shape", fontsize=10)
     return kp.savefig(fig, path_name)
 
 
@@ -258,7 +272,15 @@ def main(argv=None):
     ap.add_argument("--names", default=None, help="comma-separated divergences (default: all)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--no-figure", action="store_true")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the figure and table from results_<device>.json")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        saved = json.loads((HERE / f"results_{args.device}.json").read_text())
+        shape_rows = {tuple(int(v) for v in k.split("x")): rows for k, rows in saved["summary"].items()}
+        names = [nm for nm in NAMES if f"plain/{nm}" in next(iter(shape_rows.values()))]
+        print_table(shape_rows, names)
+        print(f"wrote {plot(shape_rows, names, args.device, f'bench_{args.device}').relative_to(HERE.parent)}")
+        return
 
     shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if args.quick:

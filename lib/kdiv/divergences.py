@@ -102,41 +102,60 @@ def _symmetric_kl_rows(c, *, w):
 _MAX_LOG_RATIO = 80.0
 
 
-def _log_ratio(c):
-    """log(p / q) per element from the logits, in scratch(0): -inf where only the teacher's logit is -inf, NaN
-    where both are; either makes the loss of that row non-finite (see the module comment above)."""
-    delta = torch.sub(c.zt, c.zs, out=c.scratch(0)).add_(c.lse_s - c.lse_t)
-    return delta.clamp_max_(_MAX_LOG_RATIO) if c.floored else delta
+def _log_ratio(c, over_p=False):
+    """log(p/q) (log(q/p) if over_p) per element from the logits, in scratch(0); clamped at _MAX_LOG_RATIO on the
+    floored path. -inf or NaN where a logit is -inf: that row's loss is then non-finite (see the module comment)."""
+    if over_p:
+        ratio = torch.sub(c.zs, c.zt, out=c.scratch(0)).add_(c.lse_t - c.lse_s)
+    else:
+        ratio = torch.sub(c.zt, c.zs, out=c.scratch(0)).add_(c.lse_s - c.lse_t)
+    return ratio.clamp_max_(_MAX_LOG_RATIO) if c.floored else ratio
 
 
-# The mixture kernels (js, skew_kl, skew_reverse_kl) need, for m = a p + (1 - a) q, log(m/q) = log1p(x) with
-# x = a (p/q - 1). In that form every log term is exactly 0 where p == q and keeps its precision where p ~ q, and
-# no log-probability of magnitude ~|logit| is subtracted from another (which costs ~1e-6 in float32). The fast
-# path forms x = a (p - q) / q from the probabilities (a division, where an expm1 would cost about a third of the
-# whole kernel); a q that underflows to 0 makes that row's loss non-finite, and the engine's floored path, which
-# forms x = a expm1(log p/q) from the logits instead, recomputes it. 1 + x >= 1 - a: when a is close to 1 the sum
-# cancels where p << q, so there m/q = (1 - a) + a p/q is formed directly (a few more passes, a > _NEAR_ONE only).
+_ZERO = {}
+
+
+def _zero(x):
+    """A 0-dim zero of x's dtype and device (the `input` of an addcdiv that only divides)."""
+    key = (x.dtype, x.device)
+    if key not in _ZERO:
+        _ZERO[key] = torch.zeros((), dtype=x.dtype, device=x.device)
+    return _ZERO[key]
+
+
+# The mixture kernels (js, skew_kl, skew_reverse_kl) need, for m = w a + (1 - w) b with (a, b) = (p, q) or (q, p),
+# log(m/b) = log1p(x) with x = w (a/b - 1). In that form every log term is exactly 0 where p == q and keeps its
+# precision where p ~ q, and no log-probability of magnitude ~|logit| is subtracted from another (which costs ~1e-6
+# in float32). The fast path forms x = w (a - b) / b from the probabilities (a division, where an expm1 would cost
+# about a third of the whole kernel); a b that underflows to 0 makes that row's loss non-finite, and the engine's
+# floored path, which forms x = w expm1(log a/b) from the logits instead, recomputes it. 1 + x >= 1 - w: when w is
+# close to 1 the sum cancels where a << b, so there m/b = (1 - w) + w a/b is formed directly (a few more passes,
+# for w > _NEAR_ONE only).
 _NEAR_ONE = 0.95
 
 
-def _log_mix_ratio(c, a):
-    """(m/q in scratch(1), log m/q in scratch(2)) for m = a p + (1 - a) q. Uses scratch(0) on the floored path."""
+def _log_mix_ratio(c, w, over_p=False, want_ratio=True):
+    """(m/q in scratch(1), log m/q in scratch(2)) for m = w p + (1 - w) q; or, if over_p, (m/p, log m/p) for
+    m = w q + (1 - w) p. Uses scratch(0) on the floored path and scratch(3) for w > _NEAR_ONE. Without
+    want_ratio, scratch(1) holds m/b - 1 instead of m/b."""
+    a, b = (c.q, c.p) if over_p else (c.p, c.q)
     if c.floored:
-        x = torch.expm1(_log_ratio(c), out=c.scratch(1)).mul_(a)
+        x = torch.expm1(_log_ratio(c, over_p), out=c.scratch(1)).mul_(w)
     else:
-        x = torch.sub(c.p, c.q, out=c.scratch(1)).div_(c.q).mul_(a)
-    log_mq = torch.log1p(x, out=c.scratch(2))
-    mq = x.add_(1.0)
-    if a > _NEAR_ONE:
+        x = torch.sub(a, b, out=c.scratch(1))
+        torch.addcdiv(_zero(x), x, b, value=w, out=x)  # w (a - b) / b in one pass
+    log_mb = torch.log1p(x, out=c.scratch(2))
+    mb = x.add_(1.0) if want_ratio or w > _NEAR_ONE else x
+    if w > _NEAR_ONE:
         if c.floored:
             direct = torch.exp(c.scratch(0), out=c.scratch(3))
         else:
-            direct = torch.div(c.p, c.q, out=c.scratch(3))
-        direct.mul_(a).add_(1.0 - a)
+            direct = torch.div(a, b, out=c.scratch(3))
+        direct.mul_(w).add_(1.0 - w)
         far = direct < 0.5
-        torch.where(far, direct, mq, out=mq)
-        torch.where(far, direct.log_(), log_mq, out=log_mq)
-    return mq, log_mq
+        torch.where(far, direct, mb, out=mb)
+        torch.where(far, direct.log_(), log_mb, out=log_mb)
+    return mb, log_mb
 
 
 def _js_rows(c, *, beta):
@@ -144,9 +163,14 @@ def _js_rows(c, *, beta):
         return _forward_kl_rows(c)
     if beta == 1.0:
         return _reverse_kl_rows(c)
-    _, log_mq = _log_mix_ratio(c, beta)
+    _, log_mq = _log_mix_ratio(c, beta, want_ratio=False)
     kl_qm = -c.dot(c.q, log_mq)
-    kl_pm = c.dot(c.p, _log_ratio(c).sub_(log_mq))  # log(p/m) = log(p/q) - log(m/q)
+    if c.floored:
+        kl_pm = c.dot(c.p, _log_ratio(c).sub_(log_mq))  # log(p/m) = log(p/q) - log(m/q)
+    else:
+        # the same, with log(p/q)'s row constant lse_s - lse_t added after the sum (p sums to 1): one pass less
+        d = torch.sub(c.zt, c.zs, out=c.scratch(0)).sub_(log_mq)
+        kl_pm = c.dot(c.p, d) + (c.lse_s - c.lse_t).squeeze(-1)
     if c.grad is not None:
         # dL/dq = (1 - beta) * log(q / m): the terms from m's dependence on q cancel
         s = (1 - beta) * c.scale
@@ -178,15 +202,15 @@ def _skew_kl_rows(c, *, alpha):
         return _forward_kl_rows(c)
     if alpha == 1.0:
         return _zero_rows(c)
-    mq, log_mq = _log_mix_ratio(c, alpha)
-    loss = c.dot(c.p, _log_ratio(c).sub_(log_mq))  # sum p log(p/m)
+    mp, log_mp = _log_mix_ratio(c, 1.0 - alpha, over_p=True)  # m/p = alpha + (1 - alpha) q/p
+    loss = -c.dot(c.p, log_mp)  # sum p log(p/m)
     if c.grad is not None:
-        # dL/dq = -(1 - alpha) p / m = -(1 - alpha)^2 / alpha * (1 - q/m) + a constant, which cancels through the
-        # softmax; 1 - q/m = (m/q - 1) / (m/q) is exactly 0 where p == q
-        ratio = torch.sub(mq, 1.0, out=log_mq).div_(mq)
-        s = (1 - alpha) ** 2 / alpha * c.scale
-        torch.mul(c.q, s * c.dot(c.q, ratio).unsqueeze(-1), out=c.grad)
-        c.grad.addcmul_(c.q, ratio, value=-s)
+        # dL/dq = -(1 - alpha) p/m = -(1 - alpha) (p/m - 1) + a constant, which cancels through the softmax;
+        # p/m - 1 is exactly 0 where p == q
+        t = mp.reciprocal_().sub_(1.0)
+        s = (1 - alpha) * c.scale
+        torch.mul(c.q, s * c.dot(c.q, t).unsqueeze(-1), out=c.grad)
+        c.grad.addcmul_(c.q, t, value=-s)
     return loss
 
 
@@ -225,6 +249,24 @@ def _akl_rows(c, *, mu):
 # Most rows are settled by their top _TOP_K probabilities; rows of at most _SORT_BELOW tokens are simply sorted.
 _TOP_K = 32
 _SORT_BELOW = 4 * _TOP_K
+_SEGMENT = 64
+
+
+def _top_values(p, k):
+    """p.topk(k).values for p [n, V] (contiguous rows), several times faster for long rows: the k largest values
+    lie in the k segments of _SEGMENT tokens with the largest maxima (those k maxima are k values >= the k-th
+    largest maximum, so every value above it is in one of those segments, and ties with it are there k - a times
+    over), so only k * _SEGMENT candidates go through topk."""
+    n, vocab = p.shape
+    full = vocab // _SEGMENT * _SEGMENT
+    if full < 4 * k * _SEGMENT:
+        return p.topk(k, dim=-1).values
+    segments = p.as_strided((n, full // _SEGMENT, _SEGMENT), (p.stride(0), _SEGMENT, 1))
+    best = segments.amax(-1).topk(k, dim=-1).indices
+    candidates = segments.gather(1, best.unsqueeze(-1).expand(n, k, _SEGMENT)).reshape(n, k * _SEGMENT)
+    if full < vocab:
+        candidates = torch.cat([candidates, p[:, full:]], dim=1)
+    return candidates.topk(k, dim=-1).values
 
 
 def _threshold_of_prefix(values, mu):
@@ -241,9 +283,10 @@ def _threshold_of_prefix(values, mu):
     return values.gather(-1, n_head - 1).squeeze(-1), mass[:, -1] > mu
 
 
-# The bisection stops once the mass at or above its cutoff lies in (mu, mu + _MASS_SLACK * (1 - mu)]: a little
-# more mass than the head's, so a few more candidates to sort, but fewer passes over the rows.
+# The bisection stops once the mass at or above its cutoff exceeds mu by at most _MASS_SLACK * (1 - mu), or the
+# tokens at or above it are at most _FEW_CANDIDATES: a few more candidates to sort, but fewer passes over the rows.
 _MASS_SLACK = 0.1
+_FEW_CANDIDATES = 2048
 _MAX_PASSES = 16
 
 
@@ -259,12 +302,13 @@ def _cutoff_above_mu(p, mu, hi, ws):
         mid = (log_lo + log_hi) / 2
         cutoff = mid.exp()
         # a float 0/1 indicator and a dot product: one cheap pass (bool masks are slow on CPU)
-        mass = ws.dot(p, torch.ge(p, cutoff.unsqueeze(-1), out=ws.scratch(0)))
+        indicator = torch.ge(p, cutoff.unsqueeze(-1), out=ws.scratch(0))
+        mass = ws.dot(p, indicator)
         above = mass > mu
         best = torch.where(above, torch.maximum(best, cutoff), best)
         log_lo = torch.where(above, mid, log_lo)
         log_hi = torch.where(above, log_hi, mid)
-        done |= above & (mass <= mu + _MASS_SLACK * (1 - mu))
+        done |= above & ((mass <= mu + _MASS_SLACK * (1 - mu)) | (indicator.sum(-1) <= _FEW_CANDIDATES))
         if bool(done.all()):
             break
     return best
@@ -302,7 +346,7 @@ def _head_threshold_rows(p, mu, ws):
     top1 = p.amax(-1)
     if bool((top1 > mu).all()):
         return top1  # the top group alone has more than mu: the head is that group
-    top = p.topk(_TOP_K, dim=-1).values
+    top = _top_values(p, _TOP_K)
     tau, settled = _threshold_of_prefix(top, mu)
     if not bool(settled.all()):
         rows = (~settled).nonzero().squeeze(1)
