@@ -277,10 +277,21 @@ def _threshold_of_prefix(values, mu):
     cumulative mass is the same number as in the full sort, and the last (maybe cut) group already has more than mu
     and is outside the head either way."""
     mass = values.cumsum(dim=-1)
-    neg = -values
-    last_of_group = torch.searchsorted(neg, neg, right=True) - 1
-    n_head = (mass.gather(-1, last_of_group) <= mu).sum(dim=-1, keepdim=True).clamp_min(1)
+    n_head = (mass.gather(-1, _last_of_tie_group(values)) <= mu).sum(dim=-1, keepdim=True).clamp_min(1)
     return values.gather(-1, n_head - 1).squeeze(-1), mass[:, -1] > mu
+
+
+def _last_of_tie_group(values):
+    """For rows sorted in descending order [n, k]: the index of the last entry equal to each entry."""
+    n, k = values.shape
+    if k <= 256:  # a binary search per entry (as head_threshold does) costs less than the passes below
+        neg = -values
+        return torch.searchsorted(neg, neg, right=True) - 1
+    # the first group end at or after each entry, by a reversed running minimum: O(k) instead of O(k log k)
+    ends = torch.ones(n, k, dtype=torch.bool, device=values.device)
+    ends[:, :-1] = values[:, :-1] != values[:, 1:]
+    index = torch.arange(k, device=values.device).expand(n, k)
+    return torch.where(ends, index, k).flip(-1).cummin(-1).values.flip(-1)
 
 
 # The bisection stops once the mass at or above its cutoff exceeds mu by at most _MASS_SLACK * (1 - mu), or the
@@ -350,7 +361,10 @@ def _head_threshold_rows(p, mu, ws):
     tau, settled = _threshold_of_prefix(top, mu)
     if not bool(settled.all()):
         rows = (~settled).nonzero().squeeze(1)
-        tau[rows] = _threshold_large_head(p[rows], mu, top[rows, -1], ws.first_rows(rows.numel()))
+        if rows.numel() == n:
+            tau = _threshold_large_head(p, mu, top[:, -1], ws)
+        else:
+            tau[rows] = _threshold_large_head(p[rows], mu, top[rows, -1], ws.first_rows(rows.numel()))
     return tau
 
 
