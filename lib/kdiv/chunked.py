@@ -18,11 +18,13 @@ materialised; sums like sum_v q_v log q_v are taken as dot products with the log
 path*, which first replaces the logits by their log-probabilities with ``-inf`` raised to :data:`LOG_FLOOR`.
 Counted rows only are computed: rows the mask drops are skipped, with loss 0 and gradient 0.
 
-Performance notes (measured on a 2-core CPU; see the README's Performance section and ``bench/``):
-the probabilities come from torch's fused softmax (one exp per element); log-normalisers from two row maxima,
-``lse = max(z) - log(max(softmax(z)))``, instead of a second exp pass; elementwise work runs in place on the
-chunk buffers; a chunk of about :data:`CHUNK_ELEMENTS` elements is large enough for torch's intra-op threads and
-small enough to stay in the CPU cache.
+Performance notes (measured on a 2-core CPU; see the README's Performance section and ``bench/``): the
+probabilities come from torch's fused softmax (one exp per element); log-normalisers from two row maxima,
+``lse = max(z) - log(max(softmax(z)))``, instead of a second exp pass; elementwise work runs in place on the chunk
+buffers, with no chunk-sized temporary (a fresh tensor costs its page faults on every call); on CPU the chunks are
+shared out to single-core worker threads rather than split op by op over torch's intra-op threads; a chunk of
+about :data:`CHUNK_ELEMENTS` elements keeps a worker's buffers in the CPU cache while the Python overhead per torch
+op (a few microseconds) stays small against the op.
 """
 
 from __future__ import annotations
@@ -43,9 +45,8 @@ from ._checks import check_logits, check_mask, check_positive, check_positive_in
 # free of NaN, when one model masks a token the other does not (where exact KL(q||p) would be +inf).
 LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # -87.34
 
-# Target size of one chunk, in elements (rows x vocab). Tuned on a 2-core CPU (bench/chunk_size.py): a few fp32
-# buffers of this size stay in the L2/L3 cache, and each torch op on them is long enough that the Python overhead
-# per op (a few microseconds) and the intra-op threads' start-up stay small.
+# Target size of one chunk, in elements (rows x vocab), tuned with bench/chunk_size.py on a 2-core CPU: 2**17 to
+# 2**19 are within noise of each other; 2**16 pays the Python overhead per op, 2**20 falls out of the cache.
 CHUNK_ELEMENTS = 1 << 18
 
 # Scratch buffers a kernel may ask for with Chunk.scratch(i), i < MAX_SCRATCH; the engine's own per worker: q, p,
@@ -61,21 +62,6 @@ def auto_chunk_rows(n_rows: int, vocab: int) -> int:
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def log_probs(logits: torch.Tensor, temperature: float, dtype: torch.dtype):
-    """log softmax(logits / temperature) in `dtype`, with -inf replaced by LOG_FLOOR; also the row logsumexp."""
-    z = logits.to(dtype)
-    if temperature != 1.0:
-        z = z / temperature
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    logp = (z - lse).nan_to_num_(nan=0.0, posinf=0.0, neginf=LOG_FLOOR)
-    return logp, lse.squeeze(-1)
-
-
-def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_v a[i, v] * b[i, v] for [n, V] tensors: [n]. Allocates an [n, V] product: for small tensors only."""
-    return torch.linalg.vecdot(a, b)
 
 
 class Scratch:
@@ -190,7 +176,17 @@ def _init_worker(set_threads):
     _local.single = torch.get_num_threads() == 1
 
 
-def _workers(n_threads: int) -> ThreadPoolExecutor | None:
+def _forget_workers():
+    # a forked child has none of the parent's threads: it starts its own pool when it needs one
+    global _executor, _threads_usable
+    _executor = _threads_usable = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)
+
+
+def _workers() -> ThreadPoolExecutor | None:
     """The shared pool of single-core worker threads, or None where torch's threads cannot be set per thread."""
     global _executor, _threads_usable
     if _threads_usable is None:
@@ -204,40 +200,6 @@ def _workers(n_threads: int) -> ThreadPoolExecutor | None:
     return _executor if _threads_usable else None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The gradient tensor. A fresh [N, V] tensor costs its first-touch page faults, which on a CPU are a large part of
-# the whole call (about 0.5 ms per MiB in 4 KiB pages on the machine the benchmark ran on). Where the kernel's
-# transparent huge pages are in "madvise" mode (the default of many distributions), advising the gradient's pages
-# as huge pages (what torch's own allocator does under THP_MEM_ALLOC_ENABLE=1) makes them about 3x cheaper.
-# ---------------------------------------------------------------------------------------------------------------
-
-_HUGE_PAGE = 1 << 21
-_MADV_HUGEPAGE = 14
-_madvise = None
-
-
-def _advise_huge_pages(t: torch.Tensor) -> None:
-    global _madvise
-    if t.device.type != "cpu" or t.nbytes < 4 * _HUGE_PAGE or not sys.platform.startswith("linux"):
-        return
-    if _madvise is None:
-        try:
-            _madvise = ctypes.CDLL(None, use_errno=True).madvise
-            _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            _madvise = False
-    if _madvise:
-        start = (t.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
-        stop = (t.data_ptr() + t.nbytes) & ~(_HUGE_PAGE - 1)
-        _madvise(start, stop - start, _MADV_HUGEPAGE)  # advice only: a failure changes nothing
-
-
-def _fresh_gradient(student: torch.Tensor) -> torch.Tensor:
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    _advise_huge_pages(grad)
-    return grad
-
-
 class _Engine:
     """Runs one kernel over blocks of rows; every worker reuses one set of chunk buffers for all its blocks."""
 
@@ -248,7 +210,10 @@ class _Engine:
         self.buffer_rows = max(1, min(chunk_rows, n_buffer_rows))
         self.grad = None
         if want_grad:
-            self.grad = _fresh_gradient(student)
+            # (advising this tensor's pages as transparent huge pages, as THP_MEM_ALLOC_ENABLE=1 does, made the
+            # first touch 3x cheaper in isolation but the whole call 1.5x slower right after another large tensor
+            # was freed, as in the benchmark: not done)
+            self.grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
 
     def _buffers(self):
         """A worker's chunk buffers: q, p, the two scaled logits (when they cannot be views of the inputs), the
@@ -271,7 +236,7 @@ class _Engine:
         are on the CPU and there are blocks enough."""
         blocks = list(blocks)
         n_threads = min(torch.get_num_threads(), len(blocks))
-        pool = _workers(n_threads) if n_threads > 1 and self.student.device.type == "cpu" else None
+        pool = _workers() if n_threads > 1 and self.student.device.type == "cpu" else None
         if pool is None:
             buffers = self._buffers()
             for block in blocks:
