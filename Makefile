@@ -47,8 +47,9 @@ else
 	@echo "no notebooks yet: nothing for nbval"
 endif
 
+# `make bench` (about 10 minutes on 2 cores) or `make bench QUICK=1` (one round at N / 4, about 3 minutes)
 bench: $(STAMP)
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
