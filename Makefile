@@ -19,17 +19,19 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-# Execute every notebook in place (outputs stored, metadata scrubbed); the notebooks write figures/.
-figures: $(NOTEBOOKS:%=run-%)
+# Execute every notebook in place (outputs stored, metadata scrubbed); the notebooks write figures/. Two notebooks
+# at a time: most of each one's time is the kernel's start and `import torch`, on one core.
+figures: $(STAMP)
+	@$(MAKE) --no-print-directory -j2 $(NOTEBOOKS:%=run-%)
 	@echo "figures/ is up to date"
 
+# The stream-merging preprocessor named here runs after execution: a busy machine can split one print into several
+# stream outputs, and merging them keeps the stored bytes the same from run to run.
 $(NOTEBOOKS:%=run-%): run-%: $(STAMP)
-	$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --log-level=WARN \
 	  --ClearMetadataPreprocessor.enabled=True --ClearMetadataPreprocessor.preserve_nb_metadata_mask= \
+	  --NotebookExporter.preprocessors=nbconvert.preprocessors.CoalesceStreamsPreprocessor \
 	  --ExecutePreprocessor.timeout=600 $*
-	@# A busy machine can split one print into several stream outputs: merge them so the stored bytes are stable.
-	$(BIN)/jupyter nbconvert --to notebook --inplace --log-level=WARN \
-	  --CoalesceStreamsPreprocessor.enabled=True $*
 
 test: lint unit nbval
 

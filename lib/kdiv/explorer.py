@@ -162,13 +162,15 @@ class Explorer:
         }
         self.step_slider = w.IntSlider(value=self.step, min=0, max=self.steps, description="step",
                                         continuous_update=True)
-        self._out = w.Output()
+        # An Image widget, not an Output widget: updating its bytes needs no captured display/clear_output, which
+        # headless runners (nbclient) have to emulate and can stall on.
+        self._image = w.Image(format="png")
         for control in self.controls.values():
             control.observe(self._on_choice, names="value")
         self.step_slider.observe(lambda change: self.show_step(change["new"]), names="value")
         left = w.VBox([self.controls["teacher"], self.controls["divergences"]])
         right = w.VBox([self.controls["lr"], self.controls["steps"], self.step_slider])
-        self._ui = w.VBox([w.HBox([left, right]), self._out], model_id=f"kdiv-explorer-{n}")
+        self._ui = w.VBox([w.HBox([left, right]), self._image], model_id=f"kdiv-explorer-{n}")
         self._refresh()
 
     def _on_choice(self, _change) -> None:
@@ -180,14 +182,10 @@ class Explorer:
         self.step_slider.value = self.steps
 
     def _refresh(self) -> None:
-        """Show the figure again in the widget's output area (if the widgets exist)."""
+        """Show the figure again in the image widget (if the widgets exist)."""
         if self._ui is None:
             return
-        from IPython.display import Image, clear_output, display
-
-        # a PNG of our own rather than display(fig): a Figure made without pyplot has no inline formatter
+        # a PNG of our own: a Figure made without pyplot has no inline formatter
         buffer = io.BytesIO()
         self.fig.savefig(buffer, format="png", dpi=self.fig.dpi)
-        with self._out:
-            clear_output(wait=True)
-            display(Image(data=buffer.getvalue(), format="png"))
+        self._image.value = buffer.getvalue()
