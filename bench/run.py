@@ -7,10 +7,10 @@ For each shape N x V and each token-level divergence, three things run in one pr
 - ``ce``: ``torch.nn.functional.cross_entropy`` with soft targets (the teacher's probabilities) on the same shape,
   the yardstick of the targets (see the README's Performance section).
 
-Time: one forward + backward (``loss.backward()`` into the student's ``.grad``), wall clock. kdiv and CE: the
-median over ``--repeats`` rounds, every round running every kdiv case once and CE at its start and at its end, so
-that a slower or faster spell of a shared machine hits all cases alike; ratios are of medians. The plain versions
-take 3 to 35 times as long as CE: they are timed once, in their memory run.
+Time: one forward + backward (``loss.backward()`` into the student's ``.grad``), wall clock. Every round runs CE
+right before each kdiv case, so that a slower or faster spell of a shared machine hits both alike; a kdiv case's
+ratio to CE is the median over ``--repeats`` rounds of its time over the CE run just before it. The plain versions
+take 4 to 35 times as long as CE: they are timed once, in their memory run, against the median CE time.
 
 Memory (CPU): extra peak resident memory beyond the inputs, which includes the gradient the call returns. Before
 each case's first (untimed) run the process returns freed heap memory to the system (``malloc_trim``), reads its
@@ -125,18 +125,20 @@ def run_case(fn, student, target, device):
 
 
 def bench_shape(n, vocab, device, repeats, names, log):
-    """{case: {"times": [...], "memory": bytes}} for one shape; cases "ce", "kdiv/<name>", "plain/<name>",
-    "kdiv/akl@stress"."""
+    """{case: {"times": [...], "memory": bytes, "ratios": [...]}} for one shape; cases "ce", "kdiv/<name>",
+    "plain/<name>", "kdiv/akl@stress" (AKL with a flatter teacher, whose head is large)."""
     student, teacher = make_inputs(n, vocab, device, LOGIT_STD)
     targets = torch.softmax(teacher, dim=-1)  # CE's soft targets: an input, made before any measurement
     cases = {"ce": (plain.soft_cross_entropy, targets)}
     for name in names:
         cases[f"kdiv/{name}"] = (kdiv.DIVERGENCES[name], teacher)
         cases[f"plain/{name}"] = (plain.DIVERGENCES[name], teacher)
-    results = {case: {"times": []} for case in cases}
+    if "akl" in names:
+        cases["kdiv/akl@stress"] = (kdiv.DIVERGENCES["akl"], teacher * (STRESS_STD / LOGIT_STD))
+    results = {case: {"times": [], "ratios": []} for case in cases}
 
     # First run of every case: the memory measurement; a warm-up for kdiv and CE, and the one timed run of each
-    # plain version (they take 3 to 35 times as long as CE; one run is enough to place them).
+    # plain version (they take 4 to 35 times as long as CE; one run is enough to place them).
     for case, (fn, target) in cases.items():
         with PeakMemory(device) as mem:
             elapsed = run_case(fn, student, target, device)
@@ -145,23 +147,16 @@ def bench_shape(n, vocab, device, repeats, names, log):
             results[case]["times"].append(elapsed)
         log(f"  first run {case}: {elapsed:.2f} s, extra memory {mem.extra / 2**20:.0f} MiB")
 
-    order = ["ce"] + [c for c in cases if c.startswith("kdiv/")] + ["ce"]
+    # Rounds: CE right before every kdiv case, so that each ratio compares two runs a second apart
     for r in range(repeats):
-        for case in order:
-            fn, target = cases[case]
-            results[case]["times"].append(run_case(fn, student, target, device))
+        for case in (c for c in cases if c.startswith("kdiv/")):
+            t_ce = run_case(cases["ce"][0], student, cases["ce"][1], device)
+            t = run_case(cases[case][0], student, cases[case][1], device)
+            results["ce"]["times"].append(t_ce)
+            results[case]["times"].append(t)
+            results[case]["ratios"].append(t / t_ce)
         log(f"  round {r + 1}/{repeats}: ce {statistics.median(results['ce']['times']):.2f} s")
-
-    if "akl" in names:
-        # AKL again with a flatter teacher (large head): the same student, the teacher logits scaled down
-        teacher.mul_(STRESS_STD / LOGIT_STD)
-        fn = kdiv.DIVERGENCES["akl"]
-        with PeakMemory(device) as mem:
-            grad = fwd_bwd(fn, student, teacher)
-            del grad
-        times = [run_case(fn, student, teacher, device) for _ in range(repeats)]
-        results["kdiv/akl@stress"] = {"times": times, "memory": mem.extra}
-    del student, teacher, targets
+    del student, teacher, targets, cases
     gc.collect()
     return results
 
@@ -178,7 +173,8 @@ def summarise(results, n, vocab):
     rows = {}
     for case, r in results.items():
         t = statistics.median(r["times"])
-        rows[case] = {"seconds": t, "time_vs_ce": t / ce, "memory_vs_logits": r["memory"] / logits_bytes}
+        ratio = statistics.median(r["ratios"]) if r.get("ratios") else t / ce
+        rows[case] = {"seconds": t, "time_vs_ce": ratio, "memory_vs_logits": r["memory"] / logits_bytes}
     return rows
 
 
@@ -236,7 +232,7 @@ def plot(shape_rows, names, device, path_name):
             lines = [(ce, "soft-target CE", ":")] + lines
         for value, text, style in lines:
             _ = ax.axhline(value, color="black", linestyle=style, linewidth=0.8)
-            _ = ax.annotate(text, (len(names) - 0.5, value), ha="right", va="bottom", fontsize=8)
+            _ = ax.annotate(text, (-0.45, value), ha="left", va="bottom", fontsize=8)
         _ = ax.set_xticks(range(len(names)), [kp.label(nm) for nm in names])
         if key == "time_vs_ce":
             _ = ax.set_yscale("log")
@@ -267,10 +263,11 @@ def machine_info(device):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one round, N / 4 (about a minute on 2 cores)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per shape (default 3, quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per shape (default 4, quick 1)")
     ap.add_argument("--shapes", default=None, help="comma-separated NxV, default 4096x32000,1024x128256,512x256000")
     ap.add_argument("--names", default=None, help="comma-separated divergences (default: all)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--no-figure", action="store_true")
     ap.add_argument("--plot-only", action="store_true", help="redraw the figure and table from results_<device>.json")
     args = ap.parse_args(argv)
@@ -282,10 +279,12 @@ def main(argv=None):
         print(f"wrote {plot(shape_rows, names, args.device, f'bench_{args.device}').relative_to(HERE.parent)}")
         return
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if args.quick:
         shapes = [(max(1, n // 4), v) for n, v in shapes]
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 4)
     names = NAMES if args.names is None else args.names.split(",")
 
     def log(msg):
@@ -307,7 +306,9 @@ def main(argv=None):
     print(f"kdiv benchmark, {args.device}, torch {info['torch']}, {info['threads']} threads, median of {repeats} "
           f"round(s); load average {load_before[0]:.1f} before, {info['load_average_after'][0]:.1f} after")
     print_table(shape_rows, names)
-    suffix = "" if not args.quick and args.shapes is None and args.names is None else "_partial"
+    # results_cpu.json (and the figure) for the default run only; other runs are tagged
+    suffix = ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
+    suffix += "_partial" if args.shapes is not None or args.names is not None else ""
     out = HERE / f"results_{args.device}{suffix}.json"
     out.write_text(json.dumps({"machine": info, "summary": {f"{n}x{v}": rows for (n, v), rows in shape_rows.items()},
                                "raw": raw}, indent=1, sort_keys=True) + "\n")
