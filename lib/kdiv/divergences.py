@@ -48,8 +48,10 @@ __all__ = [
 # Notation: log q = zs - lse_s and log p = zt - lse_t are never materialised: a sum such as sum_v q_v log(q_v/p_v)
 # is a row dot product with zs - zt plus the row constant lse_t - lse_s (q sums to 1). Through the softmax a loss
 # L(q) has the gradient q * (g - sum(q * g)) with g = dL/dq, so any row constant in g (lse_s, the +1 of
-# d(q log q)/dq) cancels. Each kernel's loss holds a product like p * (zt - zs) that is NaN or inf when a logit is
-# -inf, which sends exactly those rows to the engine's floored path (see kdiv.chunked).
+# d(q log q)/dq) cancels. Where a -inf logit (or an underflowing probability that a kernel divides by) would make a
+# term wrong, the loss holds a product like p * (zt - zs) that is then NaN or inf, which sends exactly those rows to
+# the engine's floored path (see kdiv.chunked); where it would not (tvd; a -inf on the side a skew divergence only
+# mixes in), the fast path's result already equals the floored one to within float32 tiny.
 # ---------------------------------------------------------------------------------------------------------------
 
 
