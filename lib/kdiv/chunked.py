@@ -160,7 +160,9 @@ def _omp_set_num_threads():
             paths = {line.split()[-1] for line in maps if ".so" in line and "/" in line}
     except OSError:
         return None
-    for path in sorted(paths):
+    torch_dir = os.path.dirname(torch.__file__)
+    # torch's own copy first, where another package has loaded a second OpenMP runtime
+    for path in sorted(paths, key=lambda p: (not p.startswith(torch_dir), p)):
         if os.path.basename(path).startswith(("libgomp", "libiomp5", "libomp")):
             try:
                 return ctypes.CDLL(path).omp_set_num_threads
