@@ -92,3 +92,11 @@ def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return value
+
+
+def index_of(name: str, value, options) -> int:
+    """The position of `value` in `options`, or a ValueError naming the argument and the choices."""
+    options = list(options)
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return options.index(value)

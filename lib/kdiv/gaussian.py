@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import index_of
 from .toy import Component, Teacher, make_optimizer, resolve_divergence, single_thread
 
 __all__ = ["GaussianMixture", "GaussianFit", "fit_gaussian", "gaussian_log_density"]
@@ -109,9 +110,7 @@ class GaussianFit:
     loss: torch.Tensor
 
     def index(self, key: str) -> int:
-        if key not in self.keys:
-            raise ValueError(f"key must be one of {list(self.keys)}, got {key!r}")
-        return self.keys.index(key)
+        return index_of("key", key, self.keys)
 
     def tvd(self, step: int = -1) -> torch.Tensor:
         """Total variation between the discretised student and teacher on the grid, [D, S], after ``step`` updates."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._checks import index_of
 from .headtail import head_tail_error
 from .registry import DIVERGENCES, get
 
@@ -300,9 +301,7 @@ class FitResult:
     loss: torch.Tensor
 
     def index(self, key: str) -> int:
-        if key not in self.keys:
-            raise ValueError(f"key must be one of {list(self.keys)}, got {key!r}")
-        return self.keys.index(key)
+        return index_of("key", key, self.keys)
 
     def _step_index(self, step: int) -> int:
         hits = (self.steps == step).nonzero()
