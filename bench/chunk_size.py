@@ -1,4 +1,4 @@
-"""Tune kdiv.chunked.CHUNK_ELEMENTS: forward + backward time per chunk size, as a ratio to soft-target CE.
+"""Tune kdiv.core.engine.chunked.CHUNK_ELEMENTS: forward + backward time per chunk size, as a ratio to soft-target CE.
 
 Every round runs CE and then each (divergence, chunk size) once, so that a busier or quieter spell of a shared
 machine hits all of them alike; medians over rounds. Usage: ``python bench/chunk_size.py [--rounds 5]
@@ -14,7 +14,7 @@ import time
 import kdiv
 import torch
 import torch.nn.functional as F
-from kdiv import chunked
+from kdiv.core.engine import chunked
 
 SHAPES = [(1024, 32000), (256, 128256), (128, 256000)]
 

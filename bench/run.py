@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 
 import kdiv
-import plain  # bench/plain.py, beside this script
 import torch
-from kdiv import chunked
+from kdiv.core.engine import chunked
+from kdiv.testing import plain
 
 HERE = Path(__file__).resolve().parent
 
@@ -201,7 +201,7 @@ def plot(shape_rows, names, device, path_name):
     import matplotlib
 
     matplotlib.use("Agg")
-    import kdiv.plotting as kp
+    import kdiv.lab.plotting as kp
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 

@@ -39,3 +39,28 @@ def small_pair():
     """float64 (student, teacher) of shape (2, 3, 6): small enough for finite differences."""
     return random_logits((2, 3, 6), seed=1, dtype=torch.float64)
 
+
+
+# Which divergence names each test parametrised over "name" was collected with, and which it should cover:
+# tests/test_registry.py checks them, so that a new divergence is tested everywhere or the suite says where not.
+# Without a marker a test must cover every registered divergence; @pytest.mark.divergences("with_hyper") those with
+# hyper-parameters, ("prob_form") those with a probability formula in tests/reference.py; ("chosen", reason=...)
+# marks a test written for a few divergences on purpose.
+NAMES_BY_TEST = pytest.StashKey[dict]()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "divergences(kind, reason=''): which divergences a test over names covers")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    seen: dict[str, tuple[str, set]] = {}
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if not isinstance(params.get("name"), str):
+            continue
+        marker = item.get_closest_marker("divergences")
+        kind = marker.args[0] if marker else "all"
+        key = f"{item.module.__name__}::{item.originalname}"
+        seen.setdefault(key, (kind, set()))[1].add(params["name"])
+    config.stash[NAMES_BY_TEST] = seen

@@ -166,13 +166,31 @@ DIVERGENCES = {
     "akl": akl,
 }
 
-# hyper-parameter name and a few values to try, per divergence (the defaults are tried separately)
-HYPER = {
-    "symmetric_kl": ("w", [0.0, 0.3, 1.0]),
-    "js": ("beta", [0.0, 0.1, 0.9, 1.0]),
-    "skew_kl": ("alpha", [0.0, 0.5, 1.0]),
-    "skew_reverse_kl": ("alpha", [0.0, 0.5, 1.0]),
-    "akl": ("mu", [0.1, 0.9]),
+# Each divergence as a formula in probability vectors (q, p) [V], q taken as free variables off the simplex, for
+# finite differences of the closed-form coefficients dL/dq (tests/test_gradients.py). AKL's weights read whole rows
+# and have no such form. TVD is written sum max(p - q, 0), equal to sum |p - q| / 2 on the simplex, the form whose
+# partial is the coefficient kdiv states (see kdiv.lab.gradients).
+def _kl(a, b):
+    return np.sum(a * np.log(a / b))
+
+
+def _js_probs(q, p, beta=0.5):
+    if beta == 0.0:
+        return _kl(p, q)
+    if beta == 1.0:
+        return _kl(q, p)
+    m = beta * p + (1 - beta) * q
+    return beta * _kl(p, m) + (1 - beta) * _kl(q, m)
+
+
+PROB_FORMS = {
+    "forward_kl": lambda q, p: _kl(p, q),
+    "reverse_kl": lambda q, p: _kl(q, p),
+    "symmetric_kl": lambda q, p, w=0.5: (1 - w) * _kl(p, q) + w * _kl(q, p),
+    "js": _js_probs,
+    "tvd": lambda q, p: np.sum(np.maximum(p - q, 0)),
+    "skew_kl": lambda q, p, alpha=0.1: _kl(p, alpha * p + (1 - alpha) * q),
+    "skew_reverse_kl": lambda q, p, alpha=0.1: _kl(q, alpha * q + (1 - alpha) * p),
 }
 
 

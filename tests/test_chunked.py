@@ -1,35 +1,28 @@
-"""The chunked engine (kdiv.chunked) and its row kernels against the plain versions, chunk by chunk.
+"""The chunked engine (kdiv.core.engine.chunked) and its row kernels against the plain versions, chunk by chunk.
 
-The plain versions are bench/plain.py: every divergence written the usual way, with [N, V] temporaries and autograd.
+The plain versions are kdiv.testing.plain: every divergence written the usual way, with [N, V] temporaries and autograd.
 The chunked kernels must give the same values and gradients over shapes, dtypes, masks, -inf logits, temperatures
 and chunk sizes; keep nothing of size [N, V] beyond the gradient; and AKL's fast head threshold must be exactly
-kdiv.headtail.head_threshold.
+kdiv.core.headtail.head_threshold.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import kdiv
 import numpy as np
 import pytest
 import torch
-from kdiv import chunked
-from kdiv import divergences as D
-from kdiv.headtail import head_threshold
+from cases import DEFAULT_CASES, HYPER_CASES, NAMES
+from kdiv.core import head_selection as D
+from kdiv.core.engine import chunked
+from kdiv.core.headtail import head_threshold
+from kdiv.testing import plain
 
-_spec = importlib.util.spec_from_file_location("bench_plain", Path(__file__).parents[1] / "bench" / "plain.py")
-plain = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plain)
-
-NAMES = sorted(kdiv.DIVERGENCES)
-# default hyper-parameters, and values that take the other code paths (a mixture weight near 1, the endpoints)
-HYPER = [(name, {}) for name in NAMES] + [
-    ("js", {"beta": 0.99}), ("js", {"beta": 0.0}), ("skew_kl", {"alpha": 0.97}), ("skew_kl", {"alpha": 1.0}),
-    ("skew_reverse_kl", {"alpha": 0.01}), ("symmetric_kl", {"w": 0.9}), ("akl", {"mu": 0.9}),
-]
+# default hyper-parameters, and the spec's example values, which take the other code paths (a mixture weight near
+# 1, the endpoints)
+HYPER = DEFAULT_CASES + HYPER_CASES
 TOL = {  # (rtol, atol) for values and for gradients, by input dtype
     torch.float64: ((1e-10, 1e-12), (1e-9, 1e-12)),
     torch.float32: ((2e-5, 2e-6), (2e-4, 2e-7)),
@@ -197,6 +190,7 @@ def rss_probe():
     return _extra_peak_rss
 
 
+@pytest.mark.divergences("chosen", reason="a memory probe per divergence costs seconds: the kernels share the engine")
 @pytest.mark.parametrize("name, dtype", [("js", torch.float32), ("akl", torch.float32),
                                          ("forward_kl", torch.bfloat16)])
 def test_extra_memory_is_one_gradient(rss_probe, name, dtype):
@@ -261,7 +255,7 @@ def test_fast_head_threshold_is_head_threshold(vocab, dtype):
     rng = np.random.default_rng(vocab)
     p = _teachers(vocab, dtype, rng)
     for mu in (0.05, 0.3, 0.5, 0.75, 0.9, 0.99):
-        got = D._head_threshold_rows(p, mu, chunked.Scratch.like(p))
+        got = D.head_threshold_rows(p, mu, chunked.Scratch.like(p))
         assert torch.equal(got, head_threshold(p, mu)), (vocab, dtype, mu)
 
 
@@ -274,7 +268,7 @@ def test_large_head_path_is_taken_and_exact():
     original = D.head_threshold
     D.head_threshold = lambda *a: called.append(1) or original(*a)
     try:
-        got = D._head_threshold_rows(p, 0.5, chunked.Scratch.like(p))
+        got = D.head_threshold_rows(p, 0.5, chunked.Scratch.like(p))
     finally:
         D.head_threshold = original
     assert not called  # no full sort
@@ -286,6 +280,6 @@ def test_akl_weights_match_headtail():
     s, t = torch.randn(3, 7, 500, generator=g), 3 * torch.randn(3, 7, 500, generator=g)
     logq, logp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
     w_head, w_tail = D.akl_weights(logq, logp, 0.5)
-    g_head, g_tail = kdiv.headtail.head_tail_error(logq.exp(), logp.exp(), 0.5)
+    g_head, g_tail = kdiv.core.headtail.head_tail_error(logq.exp(), logp.exp(), 0.5)
     torch.testing.assert_close(w_head, g_head / (g_head + g_tail))
     torch.testing.assert_close(w_head + w_tail, torch.ones_like(w_head))

@@ -1,10 +1,10 @@
-"""kdiv.explorer: the interactive explorer works headless and draws what it fitted."""
+"""kdiv.lab.explorer: the interactive explorer works headless and draws what it fitted."""
 
 import numpy as np
 import pytest
 import torch
-from kdiv import toy
-from kdiv.explorer import Explorer
+from kdiv.lab import toy
+from kdiv.lab.explorer import Explorer
 
 
 @pytest.fixture(scope="module")

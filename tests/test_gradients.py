@@ -1,17 +1,15 @@
-"""The closed-form gradients of kdiv.gradients against autograd through kdiv, and their stated bounds."""
+"""The closed-form gradients of kdiv.lab.gradients against autograd through kdiv, and their stated bounds."""
 
 import kdiv
 import numpy as np
 import pytest
+import reference
 import torch
-from kdiv.gradients import PROB_GRADIENTS, logit_gradient, prob_gradient
+from cases import DEFAULT_CASES, HYPER_CASES
+from kdiv.lab.gradients import PROB_GRADIENTS, logit_gradient, prob_gradient
 
-HYPER = {"js": [{"beta": 0.0}, {"beta": 0.1}, {"beta": 0.5}, {"beta": 1.0}],
-         "skew_kl": [{"alpha": 0.1}, {"alpha": 0.5}],
-         "skew_reverse_kl": [{"alpha": 0.1}, {"alpha": 0.5}],
-         "symmetric_kl": [{"w": 0.3}],
-         "akl": [{"mu": 0.5}, {"mu": 0.3}]}
-CASES = [(name, h) for name in sorted(PROB_GRADIENTS) for h in HYPER.get(name, [{}])]
+# every divergence with a closed-form coefficient, at its defaults and its spec's example values
+CASES = [c for c in DEFAULT_CASES + HYPER_CASES if c.values[0] in PROB_GRADIENTS]
 
 
 @pytest.mark.parametrize(("name", "hyper"), CASES)
@@ -28,28 +26,12 @@ def test_logit_gradient_matches_autograd(name, hyper, temperature):
     np.testing.assert_allclose(closed.numpy(), auto.numpy(), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize(("name", "hyper"), [c for c in CASES if c[0] != "akl"])
+@pytest.mark.divergences("prob_form")
+@pytest.mark.parametrize(("name", "hyper"), [c for c in CASES if c.values[0] in reference.PROB_FORMS])
 def test_prob_gradient_matches_finite_differences(name, hyper):
-    # A plain float64 evaluation of L(q) with q free (off the simplex), differentiated by central differences.
+    # the reference's formula of L(q) with q free (off the simplex), differentiated by central differences
     def loss(q, p):
-        beta = hyper.get("beta", 0.5)
-        alpha = hyper.get("alpha", 0.1)
-        w = hyper.get("w", 0.5)
-        fkl, rkl = np.sum(p * np.log(p / q)), np.sum(q * np.log(q / p))
-        if name == "forward_kl" or (name == "js" and beta == 0):
-            return fkl
-        if name == "reverse_kl" or (name == "js" and beta == 1):
-            return rkl
-        if name == "symmetric_kl":
-            return (1 - w) * fkl + w * rkl
-        if name == "js":
-            m = beta * p + (1 - beta) * q
-            return beta * np.sum(p * np.log(p / m)) + (1 - beta) * np.sum(q * np.log(q / m))
-        if name == "tvd":  # the sum max(p - q, 0) form, equal to sum |p - q| / 2 on the simplex
-            return np.sum(np.maximum(p - q, 0))
-        if name == "skew_kl":
-            return np.sum(p * np.log(p / (alpha * p + (1 - alpha) * q)))
-        return np.sum(q * np.log(q / (alpha * q + (1 - alpha) * p)))
+        return reference.PROB_FORMS[name](q, p, **hyper)
 
     rng = np.random.default_rng(1)
     q, p = rng.dirichlet(np.ones(9)), rng.dirichlet(np.ones(9))

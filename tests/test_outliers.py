@@ -1,4 +1,4 @@
-"""kdiv.outliers: the outlier teacher, the discretised Gaussian student and the global single-Gaussian fit."""
+"""kdiv.lab.outliers: the outlier teacher, the discretised Gaussian student and the global single-Gaussian fit."""
 
 import math
 
@@ -6,8 +6,8 @@ import kdiv
 import numpy as np
 import pytest
 import torch
-from kdiv.gaussian import gaussian_log_density
-from kdiv.outliers import best_gaussian, moments, outlier_teacher, train_gaussian
+from kdiv.lab.gaussian import gaussian_log_density
+from kdiv.lab.outliers import best_gaussian, moments, outlier_teacher, train_gaussian
 
 X = -15 + 0.2 * torch.arange(201, dtype=torch.float64)
 

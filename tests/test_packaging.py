@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -26,11 +27,11 @@ def _pyproject():
 
 
 def declared():
-    """Requirement objects of pyproject.toml: (runtime, dev)."""
+    """Requirement objects of pyproject.toml: (runtime, every extra's)."""
     project = _pyproject()["project"]
     runtime = [Requirement(r) for r in project["dependencies"]]
-    dev = [Requirement(r) for r in project["optional-dependencies"]["dev"]]
-    return runtime, dev
+    extras = [Requirement(r) for reqs in project["optional-dependencies"].values() for r in reqs]
+    return runtime, extras
 
 
 def lock_pins():
@@ -119,6 +120,54 @@ def test_pyproject_layout():
         assert dist.lower() in {r.name.lower() for r in dev}
 
 
+def test_core_needs_torch_and_numpy_only():
+    # A fresh interpreter in which every installed distribution but torch, numpy and what torch itself requires
+    # cannot be imported: `import kdiv` and every token-level divergence (values and gradients) and transport
+    # function must work there, as after `pip install kdiv` in a venv with torch and numpy alone.
+    code = """
+import importlib.abc, importlib.metadata as md, sys
+from packaging.requirements import Requirement
+
+def needs(dist, seen):
+    if dist in seen:
+        return seen
+    seen.add(dist)
+    for r in md.requires(dist) or []:
+        req = Requirement(r)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            try:
+                needs(md.distribution(req.name).metadata["Name"].lower(), seen)
+            except md.PackageNotFoundError:
+                pass
+    return seen
+
+allowed = needs("torch", set()) | needs("numpy", set())
+blocked = {top for top, dists in md.packages_distributions().items()
+           if not any(d.lower() in allowed for d in dists) and top != "kdiv"}
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ImportError(f"blocked: {name}")
+
+for name in list(sys.modules):
+    if name.split(".")[0] in blocked:
+        del sys.modules[name]
+sys.meta_path.insert(0, Block())
+import torch, kdiv
+s = torch.randn(4, 3, 50, requires_grad=True); t = torch.randn(4, 3, 50)
+for name in kdiv.DIVERGENCES:
+    kdiv.get(name)(s, t).backward()
+kdiv.sinkd(s.detach()[0], t[0]); kdiv.wasserstein_1d(s.detach(), t)
+assert torch.isfinite(s.grad).all()
+print(len(blocked), sorted(m.split(".")[0] for m in sys.modules if m.split(".")[0] in blocked))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    n_blocked, leaked = out.stdout.split(" ", 1)
+    assert int(n_blocked) > 10 and leaked.strip() == "[]"
+
+
 def test_import_does_not_pull_test_only_packages():
     # One fresh interpreter (this session has imported scipy and hypothesis already) imports kdiv and then every
     # submodule, and reports which test-only packages each one brought in.
@@ -126,7 +175,7 @@ def test_import_does_not_pull_test_only_packages():
 import importlib, pkgutil, sys
 test_only = {sorted(TEST_ONLY.values())!r}
 import kdiv
-names = ["kdiv"] + [f"kdiv.{{m.name}}" for m in pkgutil.iter_modules(kdiv.__path__)]
+names = ["kdiv"] + [m.name for m in pkgutil.walk_packages(kdiv.__path__, "kdiv.")]
 seen = set()
 for name in names:
     importlib.import_module(name)
@@ -137,13 +186,28 @@ for name in names:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     report = [line.split() for line in out.stdout.splitlines()]
-    assert report and report[0][0] == "kdiv"
+    assert report and report[0][0] == "kdiv" and len(report) > 15
     offenders = {line[0]: line[1:] for line in report if len(line) > 1}
     assert not offenders, f"importing these modules loads test-only packages: {offenders}"
 
 
-def test_installed_package_is_the_source_tree():
+def test_version_has_one_source():
+    import importlib.metadata
+
     import kdiv
 
+    project = _pyproject()["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert importlib.metadata.version("kdiv") == kdiv.__version__
+
+
+def test_an_editable_install_is_the_source_tree():
+    import importlib.metadata
+    import json
+
+    import kdiv
+
+    direct_url = importlib.metadata.distribution("kdiv").read_text("direct_url.json")
+    if not direct_url or not json.loads(direct_url).get("dir_info", {}).get("editable"):
+        pytest.skip("kdiv is installed from a wheel, not editable: its files are not the source tree")
     assert Path(kdiv.__file__).resolve().parent == ROOT / "lib" / "kdiv"
-    assert kdiv.__version__ == _pyproject()["project"]["version"]

@@ -1,4 +1,4 @@
-"""kdiv.plotting: one palette for every name, byte-stable files, the GIF writer, legends outside the data."""
+"""kdiv.lab.plotting: one palette for every name, byte-stable files, the GIF writer, legends outside the data."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 matplotlib.use("Agg")
 
 import kdiv  # noqa: E402
-import kdiv.plotting as kp  # noqa: E402
+import kdiv.lab.plotting as kp  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
 
@@ -24,6 +24,7 @@ TRANSPORT = ["wasserstein_1d", "sorted_wasserstein", "sinkhorn", "sinkhorn_diver
 def figures(tmp_path, monkeypatch):
     folder = tmp_path / "figs"
     monkeypatch.setenv("KDIV_FIGURES", str(folder))
+    monkeypatch.setattr(kp, "_figures_folder", None)
     return folder
 
 
@@ -107,14 +108,24 @@ def test_savefig_rejects_paths(figures, name):
     plt.close(fig)
 
 
-def test_figures_dir_walks_up_to_the_project_root(tmp_path, monkeypatch):
+def test_nothing_is_written_until_a_folder_is_named(tmp_path, monkeypatch):
+    # a user's own project with a pyproject.toml: no figures/ appears in it
     monkeypatch.delenv("KDIV_FIGURES", raising=False)
+    monkeypatch.setattr(kp, "_figures_folder", None)
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
-    notebook_folder = tmp_path / "toy_examples"
-    notebook_folder.mkdir()
-    monkeypatch.chdir(notebook_folder)
-    assert kp.figures_dir() == tmp_path / "figures"
-    assert (tmp_path / "figures").is_dir()
+    monkeypatch.chdir(tmp_path)
+    fig, ax = kp.subplots()
+    with pytest.raises(ValueError, match="no folder for figures"):
+        kp.savefig(fig, "x")
+    assert list(tmp_path.iterdir()) == [tmp_path / "pyproject.toml"]
+    # named: by folder=, by set_figures_dir, by KDIV_FIGURES
+    assert kp.savefig(fig, "a", folder=tmp_path / "out") == tmp_path / "out" / "a.png"
+    kp.set_figures_dir(tmp_path / "chosen")
+    assert kp.savefig(fig, "b") == tmp_path / "chosen" / "b.png"
+    monkeypatch.setattr(kp, "_figures_folder", None)
+    monkeypatch.setenv("KDIV_FIGURES", str(tmp_path / "env"))
+    assert kp.figures_dir() == tmp_path / "env"
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------

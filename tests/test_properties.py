@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import reference
 import torch
+from cases import NAMES, WITH_HYPER, in_range
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-NAMES = sorted(kdiv.DIVERGENCES)
-HYPER = {"symmetric_kl": "w", "js": "beta", "skew_kl": "alpha", "skew_reverse_kl": "alpha"}
 MODES = ("none", "teacher", "student", "same", "different")
 
 # Ordinary logits mixed with the extremes a vocabulary mask or an over-confident model produces.
@@ -56,11 +55,8 @@ TEMPERATURES = st.sampled_from([0.5, 1.0, 2.0])
 
 
 def _hyper(name, draw_value):
-    if name in HYPER:
-        return {HYPER[name]: draw_value}
-    if name == "akl":
-        return {"mu": min(max(draw_value, 0.05), 0.95)}
-    return {}
+    """Every hyper-parameter of the divergence at the drawn value, moved inside its range where it must be."""
+    return {h.name: in_range(h, draw_value) for h in WITH_HYPER.get(name, ())}
 
 
 HYPER_VALUES = st.sampled_from([0.0, 1e-6, 0.01, 0.1, 0.5, 0.9, 0.999, 1.0])

@@ -1,4 +1,4 @@
-"""kdiv.transport against independent references: scipy's 1-D Wasserstein, POT's exact and entropic OT, and a
+"""kdiv.core.transport against independent references: scipy's 1-D Wasserstein, POT's exact and entropic OT, and a
 plain float64 numpy SinKD written from its documented formula."""
 
 from __future__ import annotations

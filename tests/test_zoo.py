@@ -1,11 +1,11 @@
-"""kdiv.zoo: W1 as a toy loss, the location sweep, steps-to-threshold and AKL's weight curves."""
+"""kdiv.lab.zoo: W1 as a toy loss, the location sweep, steps-to-threshold and AKL's weight curves."""
 
 import kdiv
 import numpy as np
 import pytest
 import torch
-from kdiv import toy
-from kdiv.zoo import ZOO, akl_weight_curves, first_step_below, head_tail_log_error, location_sweep, wasserstein_on
+from kdiv.lab import toy
+from kdiv.lab.zoo import ZOO, akl_weight_curves, first_step_below, head_tail_log_error, location_sweep, wasserstein_on
 from scipy.stats import wasserstein_distance
 
 X = torch.arange(30, dtype=torch.float64) * 0.5

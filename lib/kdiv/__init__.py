@@ -1,23 +1,19 @@
 """kdiv: the divergences used as knowledge-distillation losses for large language models.
 
-Token-level divergences on logits (one signature for all, see :mod:`kdiv.divergences`), optimal transport
-(:mod:`kdiv.transport`), the AKL head / tail split (:mod:`kdiv.headtail`), and the registry ``DIVERGENCES`` / ``get``.
+``import kdiv`` loads the core only (torch and numpy): the token-level divergences on logits (one signature for
+all, :mod:`kdiv.core.divergences`), optimal transport (:mod:`kdiv.core.transport`), the AKL head / tail split
+(:mod:`kdiv.core.headtail`) and the registry (``DIVERGENCES``, ``get``, ``spec``). What the notebooks use is in
+:mod:`kdiv.lab` (the ``notebooks`` extra).
 """
 
-from .divergences import (
-    akl,
-    forward_kl,
-    js,
-    mask_from_labels,
-    reverse_kl,
-    skew_kl,
-    skew_reverse_kl,
-    symmetric_kl,
-    tvd,
-)
-from .headtail import head_mask, head_tail_error, head_threshold
-from .registry import DIVERGENCES, TOKEN_LEVEL, get, hyperparameters
-from .transport import (
+from .core import headtail as headtail
+from .core import transport as transport
+from .core.divergences import *  # noqa: F403  (every registered divergence, and mask_from_labels)
+from .core.divergences import __all__ as _divergence_names
+from .core.headtail import head_mask, head_tail_error, head_threshold
+from .core.registry import DIVERGENCES, SPECS, TOKEN_LEVEL, get, hyperparameters, spec
+from .core.spec import DivergenceSpec, Hyper
+from .core.transport import (
     sinkd,
     sinkhorn,
     sinkhorn_divergence,
@@ -28,31 +24,39 @@ from .transport import (
     wasserstein_1d_probs,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    *_divergence_names,
     "DIVERGENCES",
+    "DivergenceSpec",
+    "Hyper",
+    "SPECS",
     "TOKEN_LEVEL",
-    "akl",
-    "forward_kl",
     "get",
     "head_mask",
     "head_tail_error",
     "head_threshold",
     "hyperparameters",
-    "js",
-    "mask_from_labels",
-    "reverse_kl",
     "sinkd",
     "sinkhorn",
     "sinkhorn_divergence",
     "sinkhorn_plan",
-    "skew_kl",
-    "skew_reverse_kl",
     "sorted_wasserstein",
     "sorted_wasserstein_probs",
-    "symmetric_kl",
-    "tvd",
+    "spec",
     "wasserstein_1d",
     "wasserstein_1d_probs",
 ]
+
+# The notebooks' modules lived at the top level before kdiv.lab: ``from kdiv.lab import toy`` still works, importing
+# kdiv.lab.toy (and matplotlib) only when asked for.
+_LAB = ("toy", "gaussian", "outliers", "zoo", "gradients", "explorer", "plotting")
+
+
+def __getattr__(name):
+    if name in _LAB:
+        import importlib
+
+        return importlib.import_module(f"kdiv.lab.{name}")
+    raise AttributeError(f"module 'kdiv' has no attribute {name!r}")

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ._checks import _as_float, check_logits, check_mask, check_positive, check_positive_int, check_reduction
+from .checks import _as_float, check_logits, check_mask, check_positive, check_positive_int, check_reduction
 
 __all__ = [
     "wasserstein_1d",

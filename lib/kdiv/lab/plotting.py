@@ -3,20 +3,20 @@
 Every notebook draws with these so that the teacher, FKL, RKL and every other divergence keep one colour and one
 short label in every figure::
 
-    import kdiv.plotting as kp
+    import kdiv.lab.plotting as kp
     kp.use_style()                                   # once, in the setup cell
     fig, ax = kp.subplots(1, 2)
     kp.plot_distribution(ax[0], x, teacher_probs, "teacher")
     kp.plot_distribution(ax[0], x, student_probs, "forward_kl")
     kp.legend_outside(fig)                           # legends go beside the panels, never over data
-    kp.savefig(fig, "fr_kl")                         # -> <repository>/figures/fr_kl.png
+    kp.set_figures_dir("../figures")                 # once: where figures go
+    kp.savefig(fig, "fr_kl")                         # -> ../figures/fr_kl.png
 
 Files are byte-stable: a fixed dpi, no timestamps or version strings in the PNG metadata, and a GIF whose palette
 is computed deterministically from its own frames.
 
-``figures/`` is found without relying on the working directory being the repository root (notebooks run in their
-own folder): the environment variable ``KDIV_FIGURES`` if set, else ``figures/`` next to the nearest
-``pyproject.toml`` above the working directory, else next to the one above this file (an editable install).
+Figures go to a folder that is named, never guessed: ``folder=``, :func:`set_figures_dir` (the collection's
+notebooks call ``kp.set_figures_dir("../figures")``), or the environment variable ``KDIV_FIGURES``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from pathlib import Path
 import matplotlib as mpl
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+from ..core.registry import SPECS
 
 __all__ = [
     "COLORS",
@@ -45,23 +47,18 @@ __all__ = [
     "add_inset",
     "legend_outside",
     "figures_dir",
+    "set_figures_dir",
     "savefig",
     "save_gif",
 ]
 
-# Okabe-Ito for the eight most used names (colour-blind safe), Paul Tol's colours for the rest. FKL is blue and RKL
-# vermillion everywhere; the teacher is near-black so students drawn over it stay visible.
+# The divergences' colours, labels and markers come from their specs (kdiv.core.divergences); the entries here are
+# for what is not a registered divergence. Paul Tol's colours for the transport losses; the teacher is near-black
+# so students drawn over it stay visible.
 COLORS: dict[str, str] = {
     "teacher": "#262626",
     "student": "#9a9a9a",  # an untrained / initial student
-    "forward_kl": "#0072B2",
-    "reverse_kl": "#D55E00",
-    "symmetric_kl": "#CC79A7",
-    "js": "#009E73",
-    "tvd": "#E69F00",
-    "skew_kl": "#56B4E9",
-    "skew_reverse_kl": "#A6611A",
-    "akl": "#6A3D9A",
+    **{name: s.color for name, s in SPECS.items()},
     "wasserstein_1d": "#999933",
     "sorted_wasserstein": "#661100",
     "sinkhorn": "#44AA99",
@@ -72,14 +69,7 @@ COLORS: dict[str, str] = {
 LABELS: dict[str, str] = {
     "teacher": "Teacher",
     "student": "Student (init.)",
-    "forward_kl": "FKL",
-    "reverse_kl": "RKL",
-    "symmetric_kl": "FKL+RKL",
-    "js": "JSD",
-    "tvd": "TVD",
-    "skew_kl": "SKL",
-    "skew_reverse_kl": "SRKL",
-    "akl": "AKL",
+    **{name: s.label for name, s in SPECS.items()},
     "wasserstein_1d": "W1",
     "sorted_wasserstein": "sorted W1",
     "sinkhorn": "Sinkhorn",
@@ -87,24 +77,21 @@ LABELS: dict[str, str] = {
     "sinkd": "SinKD",
 }
 
-# Open markers of different shapes, so students that coincide (e.g. at convergence) stay distinguishable: the
-# FKL circle is drawn large enough to show an RKL square inside it.
-MARKERS: dict[str, tuple[str, float]] = {  # name -> (marker, size in points)
-    "forward_kl": ("o", 5.2),
-    "reverse_kl": ("s", 3.4),
-    "symmetric_kl": ("D", 3.4),
-    "js": ("^", 4.0),
-    "tvd": ("v", 4.0),
-    "skew_kl": ("<", 4.0),
-    "skew_reverse_kl": (">", 4.0),
-    "akl": ("*", 4.8),
+# name -> (marker, size in points): open markers of different shapes, so students that coincide stay visible
+MARKERS: dict[str, tuple[str, float]] = {name: s.marker for name, s in SPECS.items()}
+
+# Short aliases a reader may type; they map to the names above.
+_ALIASES = {
+    **{alias: name for name, s in SPECS.items() for alias in s.aliases},
+    "w1": "wasserstein_1d",
+    "wasserstein": "wasserstein_1d",
 }
 
-# Short aliases a reader may type; they map to the registry names above.
-_ALIASES = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "js", "skl": "skew_kl", "srkl": "skew_reverse_kl",
-            "w1": "wasserstein_1d", "wasserstein": "wasserstein_1d"}
-
-_GREEK = {"alpha": "α", "beta": "β", "mu": "μ", "w": "w", "epsilon": "ε", "temperature": "T"}
+_GREEK = {
+    **{h.name: h.symbol for s in SPECS.values() for h in s.hyper if h.symbol},
+    "epsilon": "ε",
+    "temperature": "T",
+}
 
 # PNG resolution: a 7-inch wide figure is ~1000 px, sharp on a README page without being heavy.
 DPI = 144
@@ -146,7 +133,7 @@ def _canonical(name: str) -> str:
 
 
 def _split_spec(spec) -> tuple[str, dict]:
-    """A divergence spec is a name or a (name, {hyper: value}) pair, as :func:`kdiv.toy.fit` takes it."""
+    """A divergence spec is a name or a (name, {hyper: value}) pair, as :func:`kdiv.lab.toy.fit` takes it."""
     if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict):
         return spec[0], dict(spec[1])
     return spec, {}
@@ -174,7 +161,7 @@ def use_style() -> None:
 
 
 def style():
-    """The collection's rc settings as a context manager: ``with kdiv.plotting.style(): ...``."""
+    """The collection's rc settings as a context manager: ``with kdiv.lab.plotting.style(): ...``."""
     return mpl.rc_context(STYLE)
 
 
@@ -266,45 +253,56 @@ def _numpy(x):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _find_root(start: Path) -> Path | None:
-    for folder in (start, *start.parents):
-        if (folder / "pyproject.toml").is_file():
-            return folder
-    return None
+_figures_folder: Path | None = None
 
 
-def figures_dir() -> Path:
-    """The repository's ``figures/`` folder (created if missing); ``KDIV_FIGURES`` overrides it."""
-    override = os.environ.get("KDIV_FIGURES")
-    if override:
-        folder = Path(override)
+def set_figures_dir(folder) -> None:
+    """Name the folder :func:`savefig` and :func:`save_gif` write to for the rest of the session.
+
+    The collection's notebooks call ``kp.set_figures_dir("../figures")`` in their setup cell (a notebook runs in
+    its own folder). Nothing is written anywhere until a folder is named, here, with ``folder=`` or with the
+    environment variable ``KDIV_FIGURES``.
+    """
+    global _figures_folder
+    if not isinstance(folder, (str, os.PathLike)) or not str(folder):
+        raise ValueError(f"folder must be a path, got {folder!r}")
+    _figures_folder = Path(folder)
+
+
+def figures_dir(folder=None) -> Path:
+    """The folder figures go to (created if missing): ``folder`` if given, else the one named with
+    :func:`set_figures_dir`, else ``KDIV_FIGURES``; a ValueError if none is named."""
+    if folder is not None:
+        chosen = Path(folder)
+    elif _figures_folder is not None:
+        chosen = _figures_folder
+    elif os.environ.get("KDIV_FIGURES"):
+        chosen = Path(os.environ["KDIV_FIGURES"])
     else:
-        root = _find_root(Path.cwd().resolve()) or _find_root(Path(__file__).resolve().parent)
-        if root is None:
-            raise ValueError("no pyproject.toml above the working directory or the kdiv package: "
-                             "set KDIV_FIGURES to the folder the figures should go to")
-        folder = root / "figures"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+        raise ValueError("no folder for figures was named: pass folder=, call kdiv.lab.plotting.set_figures_dir(...) "
+                         "or set KDIV_FIGURES")
+    chosen.mkdir(parents=True, exist_ok=True)
+    return chosen
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def _target(name: str, suffix: str) -> Path:
+def _target(name: str, suffix: str, folder=None) -> Path:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"name must be a plain file name such as 'fr_kl' (letters, digits, _ . -), got {name!r}")
     stem = name[: -len(suffix)] if name.endswith(suffix) else name
-    return figures_dir() / f"{stem}{suffix}"
+    return figures_dir(folder) / f"{stem}{suffix}"
 
 
-def savefig(fig, name: str, *, dpi: int = DPI) -> Path:
-    """Write ``figures/<name>.png`` at a fixed dpi with no run-dependent bytes; returns the path.
+def savefig(fig, name: str, *, folder=None, dpi: int = DPI) -> Path:
+    """Write ``<folder>/<name>.png`` (see :func:`figures_dir`) at a fixed dpi with no run-dependent bytes;
+    returns the path.
 
     The figure stays open (close it with ``plt.close(fig)``). Metadata is cleared so the file does not change with
     the matplotlib version either.
     """
-    path = _target(name, ".png")
+    path = _target(name, ".png", folder)
     with style():  # the file must not depend on rc changes made after the figure was built
         fig.savefig(path, dpi=dpi, facecolor="white", metadata={"Software": None})
     return path
@@ -333,8 +331,8 @@ def _draw_changed(fig, canvas, changed, inset_backgrounds: dict) -> None:
 
 
 def save_gif(fig, update: Callable[[object], Iterable | None], frames, name: str, *, fps: float = 20,
-             dpi: int = 72, colors: int = 48, loop: int = 0) -> Path:
-    """Write ``figures/<name>.gif`` by updating the artists of one figure, frame by frame.
+             dpi: int = 72, colors: int = 48, loop: int = 0, folder=None) -> Path:
+    """Write ``<folder>/<name>.gif`` (see :func:`figures_dir`) by updating the artists of one figure, frame by frame.
 
     ``update(frame)`` changes the data of existing artists (``set_offsets``, ``set_ydata``, ``set_text``...) and
     returns the artists it changed, as ``FuncAnimation(blit=True)`` expects; those are then redrawn over a cached
@@ -354,7 +352,7 @@ def save_gif(fig, update: Callable[[object], Iterable | None], frames, name: str
         raise ValueError(f"colors must be in [2, 256], got {colors}")
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    path = _target(name, ".gif")
+    path = _target(name, ".gif", folder)
 
     with style():
         images = _render_frames(fig, update, frames, dpi)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_open_unit
+from .checks import check_open_unit
 
 __all__ = ["head_threshold", "head_mask", "head_tail_error"]
 

@@ -1,6 +1,6 @@
 """Chunked forward + backward for token-level divergences on [tokens, vocab] logits.
 
-Every token-level divergence in :mod:`kdiv.divergences` is a *row kernel*: given one chunk of rows (a
+Every token-level divergence in :mod:`kdiv.core.divergences` is a *row kernel*: given one chunk of rows (a
 :class:`Chunk`: both scaled logits, both softmaxes, their log-normalisers, scratch space) it returns the per-row
 loss and, when the student needs a gradient, writes the gradient with respect to the chunk's student logits, in
 closed form. :class:`_ChunkedRowLoss` runs the kernel over chunks of rows and writes the gradient chunk by chunk
@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ._checks import check_logits, check_mask, check_positive, check_positive_int, check_reduction
+from ..checks import check_logits, check_mask, check_positive, check_positive_int, check_reduction
 
 # A log-probability of -inf (a -inf logit: a token outside the vocabulary) is replaced by log of the smallest
 # normal float32, as if the token had probability 1.2e-38. This keeps every divergence finite, and every gradient

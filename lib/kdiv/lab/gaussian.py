@@ -5,7 +5,7 @@ ICLR 2024, Figure 2): a student family too narrow to hold the teacher. Fitting o
 mixture under forward KL matches the mixture's mean and variance (moment matching), covering both modes; under
 reverse KL it settles on one mode, and which one depends on where it starts. Wu et al. (arXiv 2404.02657) point out
 that an LLM's softmax student is not such a family: with free logits both divergences reach the teacher
-(:mod:`kdiv.toy`).
+(:mod:`kdiv.lab.toy`).
 
 Densities are discretised on a fine, wide grid x [V]: the teacher's logits are ``log p(x)`` and the student's
 ``log N(x; m, s^2)``. Any kdiv divergence is then applied to these logits (their softmax over the grid is the density
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import index_of
+from ..core.checks import index_of
 from .toy import Component, Teacher, make_optimizer, resolve_divergence, single_thread
 
 __all__ = ["GaussianMixture", "GaussianFit", "fit_gaussian", "gaussian_log_density"]
@@ -43,7 +43,7 @@ def gaussian_log_density(x: torch.Tensor, mean, std) -> torch.Tensor:
 class GaussianMixture:
     r"""A continuous mixture :math:`p(x) = \sum_k w_k N(x; \mu_k, \sigma_k^2)` with weights renormalised to sum 1.
 
-    ``components``: :class:`kdiv.toy.Component` (weight, mean, sigma), each with its own sigma.
+    ``components``: :class:`kdiv.lab.toy.Component` (weight, mean, sigma), each with its own sigma.
     """
 
     components: tuple[Component, ...]
@@ -51,7 +51,7 @@ class GaussianMixture:
     def __post_init__(self):
         comps = tuple(self.components)
         if not comps or not all(isinstance(c, Component) for c in comps):
-            raise ValueError("components must be a non-empty sequence of kdiv.toy.Component")
+            raise ValueError("components must be a non-empty sequence of kdiv.lab.toy.Component")
         object.__setattr__(self, "components", comps)
 
     @property
@@ -88,7 +88,7 @@ class GaussianMixture:
         return torch.linspace(lo, hi, n, dtype=torch.float64)
 
     def discretise(self, x: torch.Tensor, name: str = "mixture") -> Teacher:
-        """The mixture on the grid ``x`` as a discrete :class:`kdiv.toy.Teacher` (probabilities renormalised)."""
+        """The mixture on the grid ``x`` as a discrete :class:`kdiv.lab.toy.Teacher` (probabilities renormalised)."""
         return Teacher(name, x, torch.softmax(self.log_density(x), dim=0))
 
 
@@ -130,7 +130,8 @@ def fit_gaussian(mixture: GaussianMixture, divergences, *, inits: Sequence[tuple
     r"""Fit one Gaussian N(m, s^2) to ``mixture`` under each divergence, from each initial (mean, std), in one loop.
 
     The loss of divergence d is ``divergence(student_logits, teacher_logits)`` with both logits the log densities on
-    ``grid`` (default :meth:`GaussianMixture.grid`). Divergences are specs as in :func:`kdiv.toy.fit`: registry names,
+    ``grid`` (default :meth:`GaussianMixture.grid`). Divergences are specs as in :func:`kdiv.lab.toy.fit`: registry
+    names,
     ``(name, {hyper})`` pairs, or callables with kdiv's signature. Parameters ``u, v`` per divergence and
     initialisation ([D, S] each) with ``m = mixture.mean + mixture.std * u`` and ``s = mixture.std * exp(v)``; one
     optimiser ("adam" by default, at ``lr`` in those units) steps them all, each row independently.
@@ -138,7 +139,7 @@ def fit_gaussian(mixture: GaussianMixture, divergences, *, inits: Sequence[tuple
     Returns a :class:`GaussianFit` with the mean, std and loss after every step. float64 throughout.
     """
     if not isinstance(mixture, GaussianMixture):
-        raise ValueError(f"mixture must be a kdiv.gaussian.GaussianMixture, got {type(mixture).__name__}")
+        raise ValueError(f"mixture must be a kdiv.lab.gaussian.GaussianMixture, got {type(mixture).__name__}")
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):

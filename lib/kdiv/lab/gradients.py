@@ -1,7 +1,7 @@
 r"""Closed-form gradients of the token-level divergences, for one token.
 
 Two views of the same gradient, both as plain formulas (no autograd), so that the notebooks can plot them and the
-tests can hold them against autograd through :mod:`kdiv.divergences`:
+tests can hold them against autograd through :mod:`kdiv.core.divergences`:
 
 - :func:`prob_gradient`: :math:`g_i = \partial L / \partial q_i`, the partial derivative with respect to the
   student's probability of class i, treating the q_i as free variables. For every divergence here except AKL it
@@ -34,67 +34,13 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_closed_unit, check_open_unit
-from .divergences import akl_weights
+from ..core.registry import SPECS, spec
 
 __all__ = ["PROB_GRADIENTS", "prob_gradient", "logit_gradient"]
 
-
-def _fkl(q, p):
-    return -p / q
-
-
-def _rkl(q, p):
-    return torch.log(q / p) + 1
-
-
-def _js(q, p, *, beta=0.5):
-    beta = check_closed_unit("beta", beta)
-    if beta == 0.0:  # kdiv's js is FKL at beta=0 and RKL at beta=1 (the GKD / TRL convention)
-        return _fkl(q, p)
-    if beta == 1.0:
-        return _rkl(q, p)
-    return (1 - beta) * torch.log(q / (beta * p + (1 - beta) * q))
-
-
-def _tvd(q, p):
-    # torch.where, not -(q < p): a negated 0 would print as -0.0
-    return torch.where(q < p, -1.0, 0.0).to(q.dtype)
-
-
-def _skew_kl(q, p, *, alpha=0.1):
-    alpha = check_closed_unit("alpha", alpha)
-    return -(1 - alpha) * p / (alpha * p + (1 - alpha) * q)
-
-
-def _skew_reverse_kl(q, p, *, alpha=0.1):
-    alpha = check_closed_unit("alpha", alpha)
-    ratio = q / (alpha * q + (1 - alpha) * p)
-    return torch.log(ratio) + 1 - alpha * ratio
-
-
-def _symmetric_kl(q, p, *, w=0.5):
-    w = check_closed_unit("w", w)
-    return (1 - w) * _fkl(q, p) + w * _rkl(q, p)
-
-
-def _akl(q, p, *, mu=0.5):
-    mu = check_open_unit("mu", mu)
-    w_head, w_tail = akl_weights(q.log(), p.log(), mu)
-    return w_head.unsqueeze(-1) * _fkl(q, p) + w_tail.unsqueeze(-1) * _rkl(q, p)
-
-
-# name -> g(q, p, **hyper) = dL/dq, elementwise in (q, p) except akl (whose weights read the whole row)
-PROB_GRADIENTS = {
-    "forward_kl": _fkl,
-    "reverse_kl": _rkl,
-    "symmetric_kl": _symmetric_kl,
-    "js": _js,
-    "tvd": _tvd,
-    "skew_kl": _skew_kl,
-    "skew_reverse_kl": _skew_reverse_kl,
-    "akl": _akl,
-}
+# name -> g(q, p, **hyper) = dL/dq, elementwise in (q, p) except akl (whose weights read the whole row); read off the
+# divergences' specs (kdiv.core.divergences, where the coefficients are written beside each divergence)
+PROB_GRADIENTS = {name: s.prob_gradient for name, s in SPECS.items() if s.prob_gradient is not None}
 
 
 def _check(q, p):
@@ -118,7 +64,10 @@ def prob_gradient(name: str, q: torch.Tensor, p: torch.Tensor, **hyper) -> torch
     if name not in PROB_GRADIENTS:
         raise ValueError(f"name must be one of {sorted(PROB_GRADIENTS)}, got {name!r}")
     _check(q, p)
-    return PROB_GRADIENTS[name](q, p, **hyper)
+    unknown = sorted(set(hyper) - set(spec(name).defaults))
+    if unknown:
+        raise ValueError(f"{name} takes no hyper-parameter {unknown[0]!r}")
+    return PROB_GRADIENTS[name](q, p, **spec(name).check_hyper(hyper))
 
 
 def logit_gradient(name: str, q: torch.Tensor, p: torch.Tensor, *, temperature: float = 1.0, **hyper) -> torch.Tensor:

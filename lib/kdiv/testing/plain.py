@@ -2,7 +2,7 @@ r"""The token-level divergences written the usual way, for the benchmark and as 
 
 Each builds its temporaries over the whole [N, V] logits (log_softmax, softmax, elementwise products, a sum over
 the vocabulary) and lets autograd do the backward, as DistiLLM's, MiniLLM's and TRL's losses do. Same signature,
-conventions and results as :mod:`kdiv.divergences` (``-inf`` logits get log-probability ``kdiv.chunked.LOG_FLOOR``;
+conventions and results as :mod:`kdiv.core.divergences` (``-inf`` logits get log-probability ``LOG_FLOOR``;
 masked tokens count 0; ``"mean"`` over counted tokens), so that ``tests/test_chunked.py`` can hold the chunked
 kernels against them.
 
@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 
 import torch
-from kdiv.chunked import LOG_FLOOR
-from kdiv.headtail import head_threshold
+
+from ..core.engine.chunked import LOG_FLOOR
+from ..core.headtail import head_threshold
 
 
 def _log_probs(logits, temperature):

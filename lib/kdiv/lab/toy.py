@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._checks import index_of
-from .headtail import head_tail_error
-from .registry import DIVERGENCES, get
+from ..core.checks import index_of
+from ..core.headtail import head_tail_error
+from ..core.registry import DIVERGENCES, get
 
 __all__ = [
     "Component",
@@ -314,7 +314,7 @@ class FitResult:
         return self.probs[self.index(key), lr, seed, self._step_index(step)]
 
     def head_tail_error(self, mu: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g_head, g_tail), each [D, L, S, R]: the AKL head / tail split of the teacher (:mod:`kdiv.headtail`)."""
+        """(g_head, g_tail), each [D, L, S, R]: the AKL head / tail split of the teacher (:mod:`kdiv.core.headtail`)."""
         return head_tail_error(self.probs, self.teacher.probs.expand_as(self.probs), mu)
 
     def tvd(self) -> torch.Tensor:
@@ -359,7 +359,7 @@ def fit(teacher: Teacher, divergences, steps: int = 200, lr=0.1, *, seeds=0, ini
     Returns a :class:`FitResult` (student distributions at the recorded steps, loss curves). float64 throughout.
     """
     if not isinstance(teacher, Teacher):
-        raise ValueError(f"teacher must be a kdiv.toy.Teacher, got {type(teacher).__name__}")
+        raise ValueError(f"teacher must be a kdiv.lab.toy.Teacher, got {type(teacher).__name__}")
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     specs = list(divergences) if isinstance(divergences, list) else [divergences]

@@ -1,16 +1,16 @@
 r"""An interactive explorer of the toy fits: pick a teacher, divergences, a learning rate and a step count, then
 slide through the steps and watch each student approach the teacher.
 
-The controls (ipywidgets) re-run :func:`kdiv.toy.fit` when the teacher, the divergences, the learning rate or the
+The controls (ipywidgets) re-run :func:`kdiv.lab.toy.fit` when the teacher, the divergences, the learning rate or the
 number of steps change; the step slider only moves the drawing: it updates the data of the figure's artists
-(``set_ydata``), as the GIF writer of :mod:`kdiv.plotting` does, and shows the figure again. Everything a widget
+(``set_ydata``), as the GIF writer of :mod:`kdiv.lab.plotting` does, and shows the figure again. Everything a widget
 does is also a plain method (:meth:`Explorer.refit`, :meth:`Explorer.show_step`), so the explorer runs headless,
 e.g. under nbval, and the numbers it draws can be printed and checked.
 
 The figure is a :class:`matplotlib.figure.Figure` made without pyplot, so a notebook does not display it twice
 and nothing is written to ``figures/``.
 
-    from kdiv.explorer import Explorer
+    from kdiv.lab.explorer import Explorer
     ex = Explorer()
     ex.ui                      # the widgets, in a notebook
     ex.refit(teacher="long tail", divergences=["forward_kl", "akl"], lr=0.2, steps=300)
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from ..core.registry import DIVERGENCES
 from . import plotting, toy
-from .registry import DIVERGENCES
 from .zoo import ZOO
 
 __all__ = ["TEACHERS", "Explorer"]
@@ -47,10 +47,10 @@ class Explorer:
     """Toy fits under chosen divergences, with a step slider that redraws the students.
 
     Arguments are the initial choices: ``teacher`` (a key of :data:`TEACHERS`), ``divergences`` (registry names;
-    each is fitted with the hyper-parameters of :data:`kdiv.zoo.ZOO`), ``lr`` (Adam), ``steps``, ``seed`` (the
-    shared initial logits, :func:`kdiv.toy.init_logits`), ``mu`` (the head / tail split of the error panel).
+    each is fitted with the hyper-parameters of :data:`kdiv.lab.zoo.ZOO`), ``lr`` (Adam), ``steps``, ``seed`` (the
+    shared initial logits, :func:`kdiv.lab.toy.init_logits`), ``mu`` (the head / tail split of the error panel).
 
-    Attributes: ``result`` (the current :class:`kdiv.toy.FitResult`), ``step`` (the step drawn), ``fig``,
+    Attributes: ``result`` (the current :class:`kdiv.lab.toy.FitResult`), ``step`` (the step drawn), ``fig``,
     and ``ui`` (the widgets; built on first access, so the class works without ipywidgets installed). Once ``ui``
     exists, ``controls`` (dict of the teacher / divergences / lr / steps widgets) and ``step_slider`` can also be set
     from code: setting their ``value`` does what moving them does.

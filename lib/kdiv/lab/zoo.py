@@ -1,47 +1,39 @@
 r"""The whole loss zoo on the toy problems: the divergence list, W1 as a toy loss, and what the notebooks measure.
 
-The notebooks in ``notebooks/`` compare every divergence of kdiv on the toy teachers of :mod:`kdiv.toy` (free
+The notebooks in ``notebooks/`` compare every divergence of kdiv on the toy teachers of :mod:`kdiv.lab.toy` (free
 softmax students, Wu et al., arXiv 2404.02657) and on shifted bumps. This module holds the pieces more than one of
 them needs:
 
 - :data:`ZOO`: the divergence specs compared, with the hyper-parameters of their papers' defaults.
-- :func:`wasserstein_on`: exact W1 on a teacher's ordered grid, as a loss :func:`kdiv.toy.fit` accepts.
+- :func:`wasserstein_on`: exact W1 on a teacher's ordered grid, as a loss :func:`kdiv.lab.toy.fit` accepts.
 - :func:`location_sweep`: loss and gradient of a divergence as a bump-shaped student slides along the grid
   (the disjoint-support argument for optimal transport, Arjovsky et al., "Wasserstein GAN", ICML 2017, Example 1).
 - :func:`first_step_below`, :func:`akl_weight_curves`, :func:`head_tail_log_error`: read off a
-  :class:`kdiv.toy.FitResult`.
+  :class:`kdiv.lab.toy.FitResult`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .divergences import akl_weights
-from .headtail import head_mask
+from ..core.head_selection import akl_weights
+from ..core.headtail import head_mask
+from ..core.registry import SPECS
+from ..core.transport import wasserstein_1d
 from .toy import FitResult, resolve_divergence, single_thread
-from .transport import wasserstein_1d
 
 __all__ = ["ZOO", "wasserstein_on", "location_sweep", "first_step_below", "akl_weight_curves", "head_tail_log_error"]
 
-# Every token-level divergence, at the default of the paper that proposed it (GKD's JSD at beta 0.5, DistiLLM's
-# skew 0.1, AKL's mu 0.5; symmetric_kl w=0.5 is the AKL paper's "FKL+RKL" up to a factor 2).
-ZOO = (
-    ("forward_kl", {}),
-    ("reverse_kl", {}),
-    ("symmetric_kl", {"w": 0.5}),
-    ("js", {"beta": 0.5}),
-    ("tvd", {}),
-    ("skew_kl", {"alpha": 0.1}),
-    ("skew_reverse_kl", {"alpha": 0.1}),
-    ("akl", {"mu": 0.5}),
-)
+# Every token-level divergence, at its spec's default: the default of the paper that proposed it (GKD's JSD at
+# beta 0.5, DistiLLM's skew 0.1, AKL's mu 0.5; symmetric_kl w=0.5 is the AKL paper's "FKL+RKL" up to a factor 2).
+ZOO = tuple((name, dict(s.defaults)) for name, s in SPECS.items())
 
 
 def wasserstein_on(x) -> object:
     r"""Exact W1 on the ordered grid ``x`` [V] as a loss with kdiv's signature, named "wasserstein_1d".
 
     ``fn(student_logits [..., V], teacher_logits [..., V], *, reduction="mean", temperature=1.0)``; pass it to
-    :func:`kdiv.toy.fit` beside the registry names. The cost of moving mass from x_i to x_j is |x_i - x_j|.
+    :func:`kdiv.lab.toy.fit` beside the registry names. The cost of moving mass from x_i to x_j is |x_i - x_j|.
     """
     x = torch.as_tensor(x, dtype=torch.float64)
     if x.dim() != 1 or x.numel() < 2 or not bool((x[1:] > x[:-1]).all()):
@@ -99,7 +91,7 @@ def first_step_below(errors: torch.Tensor, steps: torch.Tensor, threshold: float
 def akl_weight_curves(result: FitResult, key: str, *, mu: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """AKL's (head weight, tail weight) for the students of divergence ``key`` at every recorded step.
 
-    Reads the same weights :func:`kdiv.akl` uses (:func:`kdiv.divergences.akl_weights`), from the recorded student
+    Reads the same weights :func:`kdiv.akl` uses (:func:`kdiv.core.divergences.akl_weights`), from the recorded student
     distributions. Shapes: ([L, S, R], [L, S, R]) for L learning rates, S seeds, R recorded steps.
     """
     d = result.index(key)

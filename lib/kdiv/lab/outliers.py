@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.registry import get
 from .gaussian import gaussian_log_density
-from .registry import get
 from .toy import single_thread
 
 __all__ = ["outlier_teacher", "moments", "GaussianSearch", "best_gaussian", "train_gaussian"]
