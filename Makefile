@@ -37,6 +37,7 @@ test: lint unit nbval
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 unit: $(STAMP)
 	$(BIN)/pytest tests

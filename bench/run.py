@@ -181,18 +181,26 @@ def summarise(results, n, vocab):
 def print_table(shape_rows, names, out=print):
     for (n, vocab), rows in shape_rows.items():
         ce = rows["ce"]
-        out(f"\nN x V = {n} x {vocab} (fp32)   soft-target CE: {ce['seconds']:.2f} s, extra memory "
-            f"{ce['memory_vs_logits']:.2f} x logits")
-        out(f"{'divergence':<18}{'kdiv s':>8}{'plain s':>9}{'kdiv/CE':>9}{'plain/CE':>9}{'kdiv/plain':>11}"
-            f"{'mem kdiv':>10}{'mem plain':>10}   (memory: extra peak / one logits tensor)")
+        out(
+            f"\nN x V = {n} x {vocab} (fp32)   soft-target CE: {ce['seconds']:.2f} s, extra memory "
+            f"{ce['memory_vs_logits']:.2f} x logits"
+        )
+        out(
+            f"{'divergence':<18}{'kdiv s':>8}{'plain s':>9}{'kdiv/CE':>9}{'plain/CE':>9}{'kdiv/plain':>11}"
+            f"{'mem kdiv':>10}{'mem plain':>10}   (memory: extra peak / one logits tensor)"
+        )
         for name in names:
             k, p = rows[f"kdiv/{name}"], rows[f"plain/{name}"]
-            out(f"{name:<18}{k['seconds']:>8.2f}{p['seconds']:>9.2f}{k['time_vs_ce']:>9.2f}{p['time_vs_ce']:>9.2f}"
-                f"{k['seconds'] / p['seconds']:>11.2f}{k['memory_vs_logits']:>10.2f}{p['memory_vs_logits']:>10.2f}")
+            out(
+                f"{name:<18}{k['seconds']:>8.2f}{p['seconds']:>9.2f}{k['time_vs_ce']:>9.2f}{p['time_vs_ce']:>9.2f}"
+                f"{k['seconds'] / p['seconds']:>11.2f}{k['memory_vs_logits']:>10.2f}{p['memory_vs_logits']:>10.2f}"
+            )
         if "kdiv/akl@stress" in rows:
             k = rows["kdiv/akl@stress"]
-            out(f"{'akl, std-2 logits':<18}{k['seconds']:>8.2f}{'':>9}{k['time_vs_ce']:>9.2f}{'':>9}{'':>11}"
-                f"{k['memory_vs_logits']:>10.2f}")
+            out(
+                f"{'akl, std-2 logits':<18}{k['seconds']:>8.2f}{'':>9}{k['time_vs_ce']:>9.2f}{'':>9}{'':>11}"
+                f"{k['memory_vs_logits']:>10.2f}"
+            )
 
 
 def plot(shape_rows, names, device, path_name):
@@ -209,24 +217,54 @@ def plot(shape_rows, names, device, path_name):
     fig, axes = kp.subplots(1, 2, width=11.0, height=4.4)
     shapes = sorted(shape_rows, key=lambda shape: shape[1])
     width = 0.8 / len(shapes)
-    shades = [0.45, 0.7, 1.0][-len(shapes):]
+    shades = [0.45, 0.7, 1.0][-len(shapes) :]
     for ax, key, lines, title in (
-        (axes[0, 0], "time_vs_ce", [(1.0, "soft-target CE", ":"), (TARGETS["time"], "target 0.6", "--"),
-                                    (TARGETS["time_akl"], "AKL target 1.5", "--")],
-         "forward + backward time / soft-target CE's"),
-        (axes[0, 1], "memory_vs_logits", [(TARGETS["memory"], "target 1.25", "--")],
-         "extra peak memory / one fp32 logits tensor"),
+        (
+            axes[0, 0],
+            "time_vs_ce",
+            [
+                (1.0, "soft-target CE", ":"),
+                (TARGETS["time"], "target 0.6", "--"),
+                (TARGETS["time_akl"], "AKL target 1.5", "--"),
+            ],
+            "forward + backward time / soft-target CE's",
+        ),
+        (
+            axes[0, 1],
+            "memory_vs_logits",
+            [(TARGETS["memory"], "target 1.25", "--")],
+            "extra peak memory / one fp32 logits tensor",
+        ),
     ):
         for j, shape in enumerate(shapes):
             rows = shape_rows[shape]
             xs = [i + (j - (len(shapes) - 1) / 2) * width for i in range(len(names))]
-            _ = ax.bar(xs, [rows[f"kdiv/{nm}"][key] for nm in names], width * 0.9,
-                       color=[kp.color(nm) for nm in names], alpha=shades[j], edgecolor="black", linewidth=0.4)
-            _ = ax.plot(xs, [rows[f"plain/{nm}"][key] for nm in names], linestyle="none", marker="D",
-                        markersize=4, color="#777777")
+            _ = ax.bar(
+                xs,
+                [rows[f"kdiv/{nm}"][key] for nm in names],
+                width * 0.9,
+                color=[kp.color(nm) for nm in names],
+                alpha=shades[j],
+                edgecolor="black",
+                linewidth=0.4,
+            )
+            _ = ax.plot(
+                xs,
+                [rows[f"plain/{nm}"][key] for nm in names],
+                linestyle="none",
+                marker="D",
+                markersize=4,
+                color="#777777",
+            )
             if key == "time_vs_ce" and "kdiv/akl@stress" in rows and "akl" in names:
-                _ = ax.plot([xs[names.index("akl")]], [rows["kdiv/akl@stress"][key]], linestyle="none",
-                            marker="x", markersize=6, color="black")
+                _ = ax.plot(
+                    [xs[names.index("akl")]],
+                    [rows["kdiv/akl@stress"][key]],
+                    linestyle="none",
+                    marker="x",
+                    markersize=6,
+                    color="black",
+                )
         if key == "memory_vs_logits":
             ce = statistics.median(shape_rows[s]["ce"][key] for s in shapes)
             lines = [(ce, "soft-target CE", ":")] + lines
@@ -241,8 +279,10 @@ def plot(shape_rows, names, device, path_name):
         _ = ax.set_title(title, fontsize=10)
     handles = [Patch(facecolor="#999999", alpha=a, edgecolor="black", linewidth=0.4) for a in shades]
     labels = [f"kdiv, {n} x {v}" for n, v in shapes]
-    handles += [Line2D([], [], linestyle="none", marker="D", markersize=4, color="#777777"),
-                Line2D([], [], linestyle="none", marker="x", markersize=6, color="black")]
+    handles += [
+        Line2D([], [], linestyle="none", marker="D", markersize=4, color="#777777"),
+        Line2D([], [], linestyle="none", marker="x", markersize=6, color="black"),
+    ]
     labels += ["plain PyTorch", f"kdiv AKL, std-{STRESS_STD:g} logits (large head)"]
     kp.legend_outside(fig, handles=handles, labels=labels, loc="outside lower center", ncols=len(handles))
     fig.suptitle(f"{device.upper()}, fp32, forward + backward; bar colour = divergence, shade = shape", fontsize=10)
@@ -250,8 +290,12 @@ def plot(shape_rows, names, device, path_name):
 
 
 def machine_info(device):
-    info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "chunk_elements": chunked.CHUNK_ELEMENTS}
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "chunk_elements": chunked.CHUNK_ELEMENTS,
+    }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     else:
@@ -299,19 +343,34 @@ def main(argv=None):
         raw[f"{n}x{vocab}"] = results
         shape_rows[(n, vocab)] = summarise(results, n, vocab)
     info = machine_info(args.device)
-    info.update({"repeats": repeats, "logit_std": LOGIT_STD, "stress_std": STRESS_STD,
-                 "load_average_before": load_before, "load_average_after": os.getloadavg(),
-                 "wall_seconds": round(time.time() - start, 1)})
+    info.update(
+        {
+            "repeats": repeats,
+            "logit_std": LOGIT_STD,
+            "stress_std": STRESS_STD,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+            "wall_seconds": round(time.time() - start, 1),
+        }
+    )
 
-    print(f"kdiv benchmark, {args.device}, torch {info['torch']}, {info['threads']} threads, median of {repeats} "
-          f"round(s); load average {load_before[0]:.1f} before, {info['load_average_after'][0]:.1f} after")
+    print(
+        f"kdiv benchmark, {args.device}, torch {info['torch']}, {info['threads']} threads, median of {repeats} "
+        f"round(s); load average {load_before[0]:.1f} before, {info['load_average_after'][0]:.1f} after"
+    )
     print_table(shape_rows, names)
     # results_cpu.json (and the figure) for the default run only; other runs are tagged
     suffix = ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
     suffix += "_partial" if args.shapes is not None or args.names is not None else ""
     out = HERE / f"results_{args.device}{suffix}.json"
-    out.write_text(json.dumps({"machine": info, "summary": {f"{n}x{v}": rows for (n, v), rows in shape_rows.items()},
-                               "raw": raw}, indent=1, sort_keys=True) + "\n")
+    out.write_text(
+        json.dumps(
+            {"machine": info, "summary": {f"{n}x{v}": rows for (n, v), rows in shape_rows.items()}, "raw": raw},
+            indent=1,
+            sort_keys=True,
+        )
+        + "\n"
+    )
     print(f"\nwrote {out.relative_to(HERE.parent)}")
     if not args.no_figure and not suffix:
         path = plot(shape_rows, names, args.device, f"bench_{args.device}")

@@ -30,24 +30,45 @@ def end_to_end(notebook: Path, out_dir: Path) -> float:
     """Seconds for `jupyter nbconvert --execute` on a copy of the notebook (kernel start and imports included)."""
     jupyter = Path(sys.executable).with_name("jupyter")
     start = time.perf_counter()
-    subprocess.run([str(jupyter), "nbconvert", "--to", "notebook", "--execute", "--output-dir", str(out_dir),
-                    "--log-level", "ERROR", str(notebook)], check=True, cwd=notebook.parent)
+    subprocess.run(
+        [
+            str(jupyter),
+            "nbconvert",
+            "--to",
+            "notebook",
+            "--execute",
+            "--output-dir",
+            str(out_dir),
+            "--log-level",
+            "ERROR",
+            str(notebook),
+        ],
+        check=True,
+        cwd=notebook.parent,
+    )
     return time.perf_counter() - start
 
 
 def per_cell(notebook: Path) -> list[tuple[str, float]]:
     """(first source line, seconds) per code cell, from the kernel's own execution timestamps."""
     nb = nbformat.read(notebook, as_version=4)
-    NotebookClient(nb, timeout=600, resources={"metadata": {"path": str(notebook.parent)}},
-                   record_timing=True).execute()
+    NotebookClient(
+        nb, timeout=600, resources={"metadata": {"path": str(notebook.parent)}}, record_timing=True
+    ).execute()
     rows = []
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         timing = cell.metadata.get("execution", {})
         began, ended = timing.get("iopub.execute_input"), timing.get("shell.execute_reply")
-        seconds = (datetime.fromisoformat(ended.replace("Z", "+00:00"))
-                   - datetime.fromisoformat(began.replace("Z", "+00:00"))).total_seconds() if began and ended else 0.0
+        seconds = (
+            (
+                datetime.fromisoformat(ended.replace("Z", "+00:00"))
+                - datetime.fromisoformat(began.replace("Z", "+00:00"))
+            ).total_seconds()
+            if began and ended
+            else 0.0
+        )
         rows.append((cell.source.splitlines()[0][:60] if cell.source else "", seconds))
     return rows
 

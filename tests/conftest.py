@@ -40,7 +40,6 @@ def small_pair():
     return random_logits((2, 3, 6), seed=1, dtype=torch.float64)
 
 
-
 # Which divergence names each test parametrised over "name" was collected with, and which it should cover:
 # tests/test_registry.py checks them, so that a new divergence is tested everywhere or the suite says where not.
 # Without a marker a test must cover every registered divergence; @pytest.mark.divergences("with_hyper") those with

@@ -166,6 +166,7 @@ DIVERGENCES = {
     "akl": akl,
 }
 
+
 # Each divergence as a formula in probability vectors (q, p) [V], q taken as free variables off the simplex, for
 # finite differences of the closed-form coefficients dL/dq (tests/test_gradients.py). AKL's weights read whole rows
 # and have no such form. TVD is written sum max(p - q, 0), equal to sum |p - q| / 2 on the simplex, the form whose

@@ -59,11 +59,20 @@ def test_matches_plain(name, hyper, dtype):
     for neg_inf in (False, True):
         s, t = _inputs(shape, dtype, neg_inf=neg_inf)
         for temperature, m in ((1.0, None), (2.0, mask)):
-            want_v, want_g = _value_and_grad(plain.DIVERGENCES[name], s, t, weights, temperature=temperature,
-                                             mask=m, **hyper)
+            want_v, want_g = _value_and_grad(
+                plain.DIVERGENCES[name], s, t, weights, temperature=temperature, mask=m, **hyper
+            )
             for chunk_size in (1, 3, None):
-                got_v, got_g = _value_and_grad(kdiv.DIVERGENCES[name], s, t, weights, temperature=temperature,
-                                               mask=m, chunk_size=chunk_size, **hyper)
+                got_v, got_g = _value_and_grad(
+                    kdiv.DIVERGENCES[name],
+                    s,
+                    t,
+                    weights,
+                    temperature=temperature,
+                    mask=m,
+                    chunk_size=chunk_size,
+                    **hyper,
+                )
                 where = f"{name} {hyper} {dtype} -inf={neg_inf} T={temperature} chunk={chunk_size}"
                 torch.testing.assert_close(got_v, want_v, rtol=v_rtol, atol=v_atol, msg=where)
                 torch.testing.assert_close(got_g, want_g, rtol=g_rtol, atol=g_atol, msg=where)
@@ -191,8 +200,7 @@ def rss_probe():
 
 
 @pytest.mark.divergences("chosen", reason="a memory probe per divergence costs seconds: the kernels share the engine")
-@pytest.mark.parametrize("name, dtype", [("js", torch.float32), ("akl", torch.float32),
-                                         ("forward_kl", torch.bfloat16)])
+@pytest.mark.parametrize("name, dtype", [("js", torch.float32), ("akl", torch.float32), ("forward_kl", torch.bfloat16)])
 def test_extra_memory_is_one_gradient(rss_probe, name, dtype):
     n, vocab = 768, 32000  # 98 MB of fp32 logits: large against the chunk buffers (~10 MB per worker)
     g = torch.Generator().manual_seed(1)

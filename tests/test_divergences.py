@@ -372,8 +372,9 @@ def test_gradcheck(name, hyper, small_pair):
     # other hyper-parameter values and for the variants
     assert torch.autograd.gradcheck(lambda z: fn(z, t, reduction="none"), (x,), fast_mode=bool(hyper))
     assert torch.autograd.gradcheck(lambda z: fn(z, t, temperature=0.7, mask=mask), (x,), fast_mode=True)
-    assert torch.autograd.gradcheck(lambda z: fn(z, t, temperature=2.0, chunk_size=1, reduction="sum"), (x,),
-                                    fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda z: fn(z, t, temperature=2.0, chunk_size=1, reduction="sum"), (x,), fast_mode=True
+    )
 
 
 def _akl_with_detached_weights(s, t, mu, temperature):
@@ -527,6 +528,7 @@ def test_no_grad_mode_and_detached_student():
 # ---------------------------------------------------------------------------------------------------------------
 # Registry and masks
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_registry_names():
     assert set(kdiv.DIVERGENCES) == set(kdiv.SPECS) == set(reference.DIVERGENCES)

@@ -41,8 +41,13 @@ def test_widgets_drive_the_fit():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"teacher": "trimodal"}, "teacher"), ({"divergences": ["nope"]}, "divergences"), ({"divergences": []},
-     "divergences"), ({"lr": 0.0}, "lr"), ({"steps": 0}, "steps")],
+    [
+        ({"teacher": "trimodal"}, "teacher"),
+        ({"divergences": ["nope"]}, "divergences"),
+        ({"divergences": []}, "divergences"),
+        ({"lr": 0.0}, "lr"),
+        ({"steps": 0}, "steps"),
+    ],
 )
 def test_bad_choices(explorer, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -57,8 +57,13 @@ def test_bounds_stated_in_the_docstring():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"name": "nope"}, "name"), ({"q": torch.tensor([0.0, 1.0])}, "q"), ({"p": torch.tensor([0.5])}, "same shape"),
-     ({"p": torch.tensor([0.5, float("nan")])}, "p"), ({"beta": 2.0}, "beta")],
+    [
+        ({"name": "nope"}, "name"),
+        ({"q": torch.tensor([0.0, 1.0])}, "q"),
+        ({"p": torch.tensor([0.5])}, "same shape"),
+        ({"p": torch.tensor([0.5, float("nan")])}, "p"),
+        ({"beta": 2.0}, "beta"),
+    ],
 )
 def test_bad_input(kwargs, match):
     args = {"name": "js", "q": torch.tensor([0.5, 0.5]), "p": torch.tensor([0.2, 0.8])} | kwargs

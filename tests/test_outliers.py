@@ -48,10 +48,14 @@ def test_every_divergence_recovers_a_gaussian_teacher(name):
 def test_search_beats_a_dense_grid_on_the_non_smooth_tvd():
     logp = outlier_teacher(X, [0.1])
     fit = best_gaussian(X, logp, "tvd")
-    mu, sigma = torch.meshgrid(torch.linspace(-0.5, 0.5, 101, dtype=torch.float64),
-                               torch.linspace(0.8, 1.6, 81, dtype=torch.float64), indexing="ij")
-    dense = kdiv.tvd(gaussian_log_density(X, mu.reshape(-1), sigma.reshape(-1)), logp.expand(mu.numel(), -1),
-                     reduction="none")
+    mu, sigma = torch.meshgrid(
+        torch.linspace(-0.5, 0.5, 101, dtype=torch.float64),
+        torch.linspace(0.8, 1.6, 81, dtype=torch.float64),
+        indexing="ij",
+    )
+    dense = kdiv.tvd(
+        gaussian_log_density(X, mu.reshape(-1), sigma.reshape(-1)), logp.expand(mu.numel(), -1), reduction="none"
+    )
     assert fit.loss.item() <= dense.min().item() + 1e-12
     # and the returned loss is the loss of the returned parameters
     again = kdiv.tvd(gaussian_log_density(X, fit.mean, fit.sigma), logp, reduction="none")
@@ -61,8 +65,9 @@ def test_search_beats_a_dense_grid_on_the_non_smooth_tvd():
 def test_profile_shows_reverse_kl_second_minimum_at_the_outlier():
     fit = best_gaussian(X, outlier_teacher(X, [0.1]), "reverse_kl")
     profile, means = fit.profile[0], fit.profile_means
-    local = [float(means[i]) for i in range(1, len(means) - 1)
-             if profile[i] < profile[i - 1] and profile[i] < profile[i + 1]]
+    local = [
+        float(means[i]) for i in range(1, len(means) - 1) if profile[i] < profile[i - 1] and profile[i] < profile[i + 1]
+    ]
     assert local == [0.0, 10.0]
 
 
@@ -86,15 +91,17 @@ def test_akl_training_stops_where_its_detached_gradient_vanishes():
 
 @pytest.mark.parametrize(
     ("call", "match"),
-    [(lambda: outlier_teacher(X, [1.0]), "eps"),
-     (lambda: outlier_teacher(X[:1], 0.1), "x"),
-     (lambda: outlier_teacher(X, 0.1, sigma=0.0), "sigma"),
-     (lambda: best_gaussian(X, torch.zeros(3, 7), "tvd"), "teacher_logits"),
-     (lambda: best_gaussian(X, outlier_teacher(X, 0.1), "nope"), "name"),
-     (lambda: best_gaussian(X, outlier_teacher(X, 0.1), "tvd", sigmas=(0.0, 1.0, 5)), "sigmas"),
-     (lambda: best_gaussian(X, outlier_teacher(X, 0.1), "tvd", zoom=2), "zoom"),
-     (lambda: train_gaussian(X, outlier_teacher(X, 0.1), "tvd", steps=0), "steps"),
-     (lambda: train_gaussian(X, outlier_teacher(X, 0.1), "tvd", sigma=0.0), "sigma")],
+    [
+        (lambda: outlier_teacher(X, [1.0]), "eps"),
+        (lambda: outlier_teacher(X[:1], 0.1), "x"),
+        (lambda: outlier_teacher(X, 0.1, sigma=0.0), "sigma"),
+        (lambda: best_gaussian(X, torch.zeros(3, 7), "tvd"), "teacher_logits"),
+        (lambda: best_gaussian(X, outlier_teacher(X, 0.1), "nope"), "name"),
+        (lambda: best_gaussian(X, outlier_teacher(X, 0.1), "tvd", sigmas=(0.0, 1.0, 5)), "sigmas"),
+        (lambda: best_gaussian(X, outlier_teacher(X, 0.1), "tvd", zoom=2), "zoom"),
+        (lambda: train_gaussian(X, outlier_teacher(X, 0.1), "tvd", steps=0), "steps"),
+        (lambda: train_gaussian(X, outlier_teacher(X, 0.1), "tvd", sigma=0.0), "sigma"),
+    ],
 )
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):

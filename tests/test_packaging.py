@@ -53,8 +53,11 @@ def environment_yml():
     """(conda package names, pip entries) of environment.yml, read without a YAML library: its layout is fixed,
     a `dependencies:` list of `- name[=version]` lines with one final `- pip:` list."""
     conda, pip, section = [], [], None
-    lines = [ln for ln in (ROOT / "environment.yml").read_text().splitlines() if ln.strip() and
-             not ln.lstrip().startswith("#")]
+    lines = [
+        ln
+        for ln in (ROOT / "environment.yml").read_text().splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     for line in lines:
         stripped = line.strip()
         if not line.startswith(" "):

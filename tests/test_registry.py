@@ -58,8 +58,9 @@ def test_a_spec_whose_signature_disagrees_is_refused():
     with pytest.raises(ValueError, match="do not match"):
 
         @divergence(kernel=forward_kl_rows, label="X", color="#000000", marker=("o", 4), hyper=[Hyper("a", 0.5)])
-        def made_up(student_logits, teacher_logits, *, a=0.2, temperature=1.0, mask=None, reduction="mean",
-                    chunk_size=None):
+        def made_up(
+            student_logits, teacher_logits, *, a=0.2, temperature=1.0, mask=None, reduction="mean", chunk_size=None
+        ):
             """Not registered: its default for a disagrees with its spec."""
 
     assert "made_up" not in kdiv.SPECS

@@ -84,10 +84,14 @@ def test_teacher_logits_are_log_probs_and_zero_probs_are_minus_inf():
     assert float(r.probs[:, 0, 0, -1, 2].max()) < 0.05
 
 
-@pytest.mark.parametrize("bad", [
-    dict(weight=0.0, mean=0.0, sigma=1.0), dict(weight=1.0, mean=math.nan, sigma=1.0),
-    dict(weight=1.0, mean=0.0, sigma=-1.0),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(weight=0.0, mean=0.0, sigma=1.0),
+        dict(weight=1.0, mean=math.nan, sigma=1.0),
+        dict(weight=1.0, mean=0.0, sigma=-1.0),
+    ],
+)
 def test_component_rejects_bad_values(bad):
     with pytest.raises(ValueError, match=next(k for k, v in bad.items() if not (v > 0 or k == "mean") or v != v)):
         toy.Component(**bad)
@@ -118,10 +122,12 @@ def test_vectorised_fit_equals_separate_fits():
             for si, seed in enumerate(seeds):
                 # one row alone, with torch's own Adam: an independent reference for both the loop and the optimiser
                 alone = toy.fit(teacher, spec, steps=steps, lr=lr, seeds=seed, optimizer=lambda g: torch.optim.Adam(g))
-                np.testing.assert_allclose(together.probs[d, li, si].numpy(), alone.probs[0, 0, 0].numpy(),
-                                           rtol=1e-12, atol=1e-15)
-                np.testing.assert_allclose(together.loss[d, li, si].numpy(), alone.loss[0, 0, 0].numpy(),
-                                           rtol=1e-12, atol=1e-15)
+                np.testing.assert_allclose(
+                    together.probs[d, li, si].numpy(), alone.probs[0, 0, 0].numpy(), rtol=1e-12, atol=1e-15
+                )
+                np.testing.assert_allclose(
+                    together.loss[d, li, si].numpy(), alone.loss[0, 0, 0].numpy(), rtol=1e-12, atol=1e-15
+                )
 
 
 def test_written_out_adam_matches_torch_adam():
@@ -155,8 +161,9 @@ def test_loss_curve_is_the_divergence_of_the_recorded_student():
         torch.testing.assert_close(r.loss[d, 0, 0], want, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("make_teacher, lr", [(toy.bimodal_teacher, 0.1), (toy.unimodal_teacher, 0.1),
-                                              (toy.long_tail_teacher, 0.2)])
+@pytest.mark.parametrize(
+    "make_teacher, lr", [(toy.bimodal_teacher, 0.1), (toy.unimodal_teacher, 0.1), (toy.long_tail_teacher, 0.2)]
+)
 def test_fkl_and_rkl_both_reach_the_teacher(make_teacher, lr):
     # the paper's point: with a softmax student both divergences share the optimum q = p
     r = toy.fit(make_teacher(), ["forward_kl", "reverse_kl"], steps=300, lr=lr, record=[0, 300])
@@ -172,8 +179,17 @@ def test_head_tail_error_uses_the_library_split():
     assert float(g_head[1, 0, 0, 5]) == float(want_head) and float(g_tail[1, 0, 0, 5]) == float(want_tail)
     torch.testing.assert_close(g_head + g_tail, 2 * r.tvd())
     table = r.head_tail_table([0, 5])
-    assert table.splitlines()[0].split() == ["step", "forward_kl", "head", "forward_kl", "tail", "reverse_kl", "head",
-                                             "reverse_kl", "tail"]
+    assert table.splitlines()[0].split() == [
+        "step",
+        "forward_kl",
+        "head",
+        "forward_kl",
+        "tail",
+        "reverse_kl",
+        "head",
+        "reverse_kl",
+        "tail",
+    ]
     assert table.splitlines()[2].split()[0] == "5"
 
 
@@ -207,17 +223,20 @@ def test_given_init_and_temperature():
     assert r.seeds == (None,)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(divergences="nope"), "divergence name"),
-    (dict(divergences=["forward_kl", "forward_kl"]), "distinct"),
-    (dict(divergences=[]), "must not be empty"),
-    (dict(lr=0.0), "lr must be positive"),
-    (dict(lr=[0.1, -1.0]), "lr must be positive"),
-    (dict(steps=-1), "steps"),
-    (dict(init=torch.zeros(3)), "init must be"),
-    (dict(record=[0, 99]), "record"),
-    (dict(optimizer="lbfgs"), "optimizer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(divergences="nope"), "divergence name"),
+        (dict(divergences=["forward_kl", "forward_kl"]), "distinct"),
+        (dict(divergences=[]), "must not be empty"),
+        (dict(lr=0.0), "lr must be positive"),
+        (dict(lr=[0.1, -1.0]), "lr must be positive"),
+        (dict(steps=-1), "steps"),
+        (dict(init=torch.zeros(3)), "init must be"),
+        (dict(record=[0, 99]), "record"),
+        (dict(optimizer="lbfgs"), "optimizer"),
+    ],
+)
 def test_fit_rejects_bad_arguments(kwargs, match):
     args = dict(divergences="forward_kl", steps=5, lr=0.1) | kwargs
     with pytest.raises(ValueError, match=match):
@@ -250,11 +269,14 @@ def test_mixture_moments_match_numerical_integration():
     assert MIX.mean == pytest.approx(mean, rel=1e-9)
     assert MIX.std == pytest.approx(std, rel=1e-9)
     xs = torch.linspace(-10, 110, 7, dtype=torch.float64)
-    np.testing.assert_allclose(MIX.log_density(xs).exp().numpy(),
-                               0.375 * stats.norm.pdf(xs.numpy(), 25, 8) + 0.625 * stats.norm.pdf(xs.numpy(), 75, 8),
-                               rtol=1e-12)
-    np.testing.assert_allclose(gaussian_log_density(xs, 3.0, 2.0).exp().numpy(), stats.norm.pdf(xs.numpy(), 3, 2),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        MIX.log_density(xs).exp().numpy(),
+        0.375 * stats.norm.pdf(xs.numpy(), 25, 8) + 0.625 * stats.norm.pdf(xs.numpy(), 75, 8),
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(
+        gaussian_log_density(xs, 3.0, 2.0).exp().numpy(), stats.norm.pdf(xs.numpy(), 3, 2), rtol=1e-12
+    )
 
 
 def test_forward_kl_single_gaussian_is_moment_matching_and_reverse_kl_picks_the_mode_it_starts_near():
@@ -281,10 +303,17 @@ def test_tvd_fit_ignores_a_light_outlier_that_drags_forward_kl():
     assert abs(float(fitted.mean[1, 0, -1])) < 0.1  # stays on the main mode
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(inits=[(0.0, 0.0)]), "inits"), (dict(inits=[]), "inits"), (dict(lr=-1.0), "lr"), (dict(steps=1.5), "steps"),
-    (dict(grid=torch.zeros(1)), "grid"), (dict(divergences="nope"), "divergence name"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(inits=[(0.0, 0.0)]), "inits"),
+        (dict(inits=[]), "inits"),
+        (dict(lr=-1.0), "lr"),
+        (dict(steps=1.5), "steps"),
+        (dict(grid=torch.zeros(1)), "grid"),
+        (dict(divergences="nope"), "divergence name"),
+    ],
+)
 def test_fit_gaussian_rejects_bad_arguments(kwargs, match):
     args = dict(divergences="forward_kl", inits=[(0.0, 1.0)], steps=2) | kwargs
     divergences = args.pop("divergences")

@@ -52,8 +52,10 @@ def test_wasserstein_1d_matches_scipy(shape, with_support):
     support = np.cumsum(rng.uniform(0.1, 2.0, vocab)) - 5.0 if with_support else np.arange(vocab, dtype=float)
     got = kdiv.wasserstein_1d(s, t, support=torch.tensor(support) if with_support else None, reduction="none")
     q, p = softmax_np(s.numpy()).reshape(-1, vocab), softmax_np(t.numpy()).reshape(-1, vocab)
-    want = [scipy.stats.wasserstein_distance(support, support, u_weights=qi, v_weights=pi)
-            for qi, pi in zip(q, p, strict=True)]
+    want = [
+        scipy.stats.wasserstein_distance(support, support, u_weights=qi, v_weights=pi)
+        for qi, pi in zip(q, p, strict=True)
+    ]
     assert got.shape == shape[:-1]
     np.testing.assert_allclose(got.numpy().reshape(-1), want, rtol=1e-10, atol=1e-12)
 
@@ -95,8 +97,11 @@ def test_wasserstein_1d_reductions_and_mask():
     none_counted = torch.zeros(3, 5, dtype=torch.bool)
     assert kdiv.wasserstein_1d(s, t, mask=none_counted).item() == 0.0
     # temperature divides both logits
-    np.testing.assert_allclose(kdiv.wasserstein_1d(s, t, temperature=2.5, reduction="none"),
-                               kdiv.wasserstein_1d(s / 2.5, t / 2.5, reduction="none"), rtol=1e-12)
+    np.testing.assert_allclose(
+        kdiv.wasserstein_1d(s, t, temperature=2.5, reduction="none"),
+        kdiv.wasserstein_1d(s / 2.5, t / 2.5, reduction="none"),
+        rtol=1e-12,
+    )
 
 
 def test_dtypes():
@@ -148,11 +153,13 @@ def test_sinkhorn_matches_pot(method, epsilon):
     n, m = 7, 11
     a, b, cost = dirichlet(rng, n), dirichlet(rng, m), rng.random((n, m))
     want = ot.sinkhorn2(a, b, cost, epsilon, method=method, numItermax=20_000, stopThr=1e-12)
-    got = kdiv.sinkhorn(torch.tensor(a), torch.tensor(b), torch.tensor(cost), epsilon=epsilon, max_iter=20_000,
-                        tol=1e-12)
+    got = kdiv.sinkhorn(
+        torch.tensor(a), torch.tensor(b), torch.tensor(cost), epsilon=epsilon, max_iter=20_000, tol=1e-12
+    )
     assert got.item() == pytest.approx(float(want), rel=1e-9, abs=1e-12)
-    plan = kdiv.sinkhorn_plan(torch.tensor(a), torch.tensor(b), torch.tensor(cost), epsilon=epsilon,
-                              max_iter=20_000, tol=1e-12).numpy()
+    plan = kdiv.sinkhorn_plan(
+        torch.tensor(a), torch.tensor(b), torch.tensor(cost), epsilon=epsilon, max_iter=20_000, tol=1e-12
+    ).numpy()
     want_plan = ot.sinkhorn(a, b, cost, epsilon, method=method, numItermax=20_000, stopThr=1e-12)
     np.testing.assert_allclose(plan, want_plan, rtol=1e-7, atol=1e-13)
     np.testing.assert_allclose(plan.sum(1), a, atol=1e-11)
@@ -164,11 +171,15 @@ def test_sinkhorn_batched_and_broadcast():
     n, m = 5, 9
     a, b = dirichlet(rng, n, (2, 3), 0.5), dirichlet(rng, m, (3,), 0.5)  # b broadcasts over a's first dim
     costs = rng.random((3, n, m)) * 3
-    got = kdiv.sinkhorn(torch.tensor(a), torch.tensor(b), torch.tensor(costs), epsilon=0.2, max_iter=50_000,
-                        tol=1e-12)
+    got = kdiv.sinkhorn(torch.tensor(a), torch.tensor(b), torch.tensor(costs), epsilon=0.2, max_iter=50_000, tol=1e-12)
     assert got.shape == (2, 3)
-    want = [[ot.sinkhorn2(a[i, j], b[j], costs[j], 0.2, method="sinkhorn_log", numItermax=50_000, stopThr=1e-13)
-             for j in range(3)] for i in range(2)]
+    want = [
+        [
+            ot.sinkhorn2(a[i, j], b[j], costs[j], 0.2, method="sinkhorn_log", numItermax=50_000, stopThr=1e-13)
+            for j in range(3)
+        ]
+        for i in range(2)
+    ]
     np.testing.assert_allclose(got.numpy(), np.array(want, dtype=float), rtol=1e-8)
 
 
@@ -179,8 +190,9 @@ def test_sinkhorn_tends_to_emd():
     exact = ot.emd2(a, b, cost)
     gaps = []
     for eps in (0.5, 0.05, 0.005, 1e-3):
-        w = kdiv.sinkhorn(torch.tensor(a), torch.tensor(b), torch.tensor(cost), epsilon=eps, max_iter=20_000,
-                          tol=1e-10).item()
+        w = kdiv.sinkhorn(
+            torch.tensor(a), torch.tensor(b), torch.tensor(cost), epsilon=eps, max_iter=20_000, tol=1e-10
+        ).item()
         gaps.append(w - exact)
     assert all(g >= -1e-9 for g in gaps)  # the entropic plan is feasible, so it costs at least the optimum
     assert gaps == sorted(gaps, reverse=True)
@@ -218,8 +230,9 @@ def test_sinkhorn_zero_mass_entries():
     b = torch.tensor([0.25, 0.0, 0.25, 0.5], dtype=F64)
     cost = torch.tensor(np.abs(np.arange(4.0)[:, None] - np.arange(4.0)[None, :]))
     w = kdiv.sinkhorn(a, b, cost, epsilon=0.05, max_iter=5000, tol=1e-12)
-    want = ot.sinkhorn2(a.detach().numpy(), b.numpy(), cost.numpy(), 0.05, method="sinkhorn_log",
-                        numItermax=5000, stopThr=1e-13)
+    want = ot.sinkhorn2(
+        a.detach().numpy(), b.numpy(), cost.numpy(), 0.05, method="sinkhorn_log", numItermax=5000, stopThr=1e-13
+    )
     assert w.item() == pytest.approx(float(want), rel=1e-8)
     w.backward()
     assert torch.isfinite(a.grad).all()
@@ -268,12 +281,14 @@ def test_sinkhorn_divergence_matches_pot_terms():
     a, b = dirichlet(rng, n), dirichlet(rng, n)
     w = lambda u, v: ot.sinkhorn2(u, v, cost, 0.1, method="sinkhorn_log", numItermax=10_000, stopThr=1e-10)
     want = w(a, b) - 0.5 * w(a, a) - 0.5 * w(b, b)
-    got = kdiv.sinkhorn_divergence(torch.tensor(a), torch.tensor(b), torch.tensor(cost), epsilon=0.1,
-                                   max_iter=10_000, tol=1e-10)
+    got = kdiv.sinkhorn_divergence(
+        torch.tensor(a), torch.tensor(b), torch.tensor(cost), epsilon=0.1, max_iter=10_000, tol=1e-10
+    )
     assert got.item() == pytest.approx(float(want), rel=1e-7)
     # tends to the exact OT cost as epsilon -> 0
-    small = kdiv.sinkhorn_divergence(torch.tensor(a), torch.tensor(b), torch.tensor(cost), epsilon=3e-3,
-                                     max_iter=1000, tol=1e-9)
+    small = kdiv.sinkhorn_divergence(
+        torch.tensor(a), torch.tensor(b), torch.tensor(cost), epsilon=3e-3, max_iter=1000, tol=1e-9
+    )
     assert small.item() == pytest.approx(ot.emd2(a, b, cost), rel=1e-4)
 
 
@@ -370,11 +385,13 @@ def test_gradcheck_logit_losses():
     s.requires_grad_()
     support = torch.tensor([0.0, 0.3, 1.1, 1.5, 2.8], dtype=F64)
     mask = torch.tensor([[True, False, True], [True, True, False]])
-    for fn in (lambda x: kdiv.wasserstein_1d(x, t, support=support, temperature=1.7, mask=mask),
-               lambda x: kdiv.wasserstein_1d(x, t, reduction="none"),
-               lambda x: kdiv.sorted_wasserstein(x, t, temperature=0.8, mask=mask),
-               lambda x: kdiv.sinkd(x, t, epsilon=0.2, max_iter=7, mask=mask, reduction="none"),
-               lambda x: kdiv.sinkd(x, t, temperature=2.0)):
+    for fn in (
+        lambda x: kdiv.wasserstein_1d(x, t, support=support, temperature=1.7, mask=mask),
+        lambda x: kdiv.wasserstein_1d(x, t, reduction="none"),
+        lambda x: kdiv.sorted_wasserstein(x, t, temperature=0.8, mask=mask),
+        lambda x: kdiv.sinkd(x, t, epsilon=0.2, max_iter=7, mask=mask, reduction="none"),
+        lambda x: kdiv.sinkd(x, t, temperature=2.0),
+    ):
         assert torch.autograd.gradcheck(fn, (s,))
 
 
@@ -385,11 +402,13 @@ def test_gradcheck_sinkhorn():
     cost = torch.tensor(rng.random((4, 4)), requires_grad=True)
     # tol=0: a fixed number of iterations, so the value is a smooth function of the inputs
     kw = dict(epsilon=0.3, max_iter=12, tol=0.0)
-    assert torch.autograd.gradcheck(lambda x, y, c: kdiv.sinkhorn(x.softmax(-1), y.softmax(-1), c, **kw),
-                                    (la, lb, cost))
+    assert torch.autograd.gradcheck(
+        lambda x, y, c: kdiv.sinkhorn(x.softmax(-1), y.softmax(-1), c, **kw), (la, lb, cost)
+    )
     assert torch.autograd.gradcheck(
         lambda x, y: kdiv.sinkhorn_divergence(x.softmax(-1), y.softmax(-1), cost.detach() + cost.detach().T, **kw),
-        (la, lb))
+        (la, lb),
+    )
     assert torch.autograd.gradcheck(lambda x, y: kdiv.wasserstein_1d_probs(x.softmax(-1), y.softmax(-1)), (la, lb))
 
 
@@ -450,8 +469,14 @@ BAD_SINKHORN = [
     (dict(cost=torch.zeros(4, dtype=F64)), "cost"),
     (dict(cost=torch.full((4, 4), float("nan"), dtype=F64)), "cost"),
     (dict(cost=np.zeros((4, 4))), "cost"),
-    (dict(cost=torch.zeros(3, 4, 4, dtype=F64), a=torch.full((2, 4), 0.25, dtype=F64),
-          b=torch.full((2, 4), 0.25, dtype=F64)), "do not broadcast"),
+    (
+        dict(
+            cost=torch.zeros(3, 4, 4, dtype=F64),
+            a=torch.full((2, 4), 0.25, dtype=F64),
+            b=torch.full((2, 4), 0.25, dtype=F64),
+        ),
+        "do not broadcast",
+    ),
     (dict(a=torch.tensor([0.5, 0.6, -0.1, 0.0], dtype=F64)), "a has negative"),
     (dict(a=torch.tensor([0.5, 0.6, 0.1, 0.0], dtype=F64)), "a must sum to 1"),
     (dict(b=torch.tensor([0.5, 0.5, float("nan"), 0.0], dtype=F64)), "b contains NaN"),
@@ -473,13 +498,16 @@ def test_sinkhorn_divergence_needs_one_support():
         kdiv.sinkhorn_divergence(_probs(4), _probs(5), torch.ones(4, 5, dtype=F64))
 
 
-@pytest.mark.parametrize("support,message", [
-    (torch.tensor([0.0, 1.0, 1.0, 2.0]), "strictly increasing"),
-    (torch.tensor([3.0, 2.0, 1.0, 0.0]), "strictly increasing"),
-    (torch.arange(5.0), "length 4"),
-    (torch.zeros(2, 2), "1-D"),
-    (torch.tensor([0.0, 1.0, float("inf"), 4.0]), "support contains"),
-])
+@pytest.mark.parametrize(
+    "support,message",
+    [
+        (torch.tensor([0.0, 1.0, 1.0, 2.0]), "strictly increasing"),
+        (torch.tensor([3.0, 2.0, 1.0, 0.0]), "strictly increasing"),
+        (torch.arange(5.0), "length 4"),
+        (torch.zeros(2, 2), "1-D"),
+        (torch.tensor([0.0, 1.0, float("inf"), 4.0]), "support contains"),
+    ],
+)
 def test_support_bad_input(support, message):
     s, t = random_logits((3, 4), seed=25)
     with pytest.raises(ValueError, match=message):
@@ -502,8 +530,11 @@ def test_logit_losses_bad_input(fn):
         ((s, t), {"mask": torch.ones(3)}, "mask"),
     ]
     if fn is kdiv.sinkd:
-        cases += [((s, t), {"epsilon": 0.0}, "epsilon"), ((s, t), {"max_iter": 0}, "max_iter"),
-                  ((s, t), {"tol": -1.0}, "tol")]
+        cases += [
+            ((s, t), {"epsilon": 0.0}, "epsilon"),
+            ((s, t), {"max_iter": 0}, "max_iter"),
+            ((s, t), {"tol": -1.0}, "tol"),
+        ]
     for args, kw, message in cases:
         with pytest.raises(ValueError, match=message):
             fn(*args, **kw)

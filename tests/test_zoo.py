@@ -19,8 +19,10 @@ def test_zoo_names_are_registered():
 
 def test_wasserstein_on_matches_scipy_and_works_in_fit():
     gen = torch.Generator().manual_seed(0)
-    s, t = torch.randn(4, 30, generator=gen, dtype=torch.float64), torch.randn(4, 30, generator=gen,
-                                                                                 dtype=torch.float64)
+    s, t = (
+        torch.randn(4, 30, generator=gen, dtype=torch.float64),
+        torch.randn(4, 30, generator=gen, dtype=torch.float64),
+    )
     w1 = wasserstein_on(X)
     got = w1(s, t, reduction="none")
     q, p = torch.softmax(s, -1).numpy(), torch.softmax(t, -1).numpy()
@@ -52,9 +54,13 @@ def test_location_sweep_gradients():
 
 def test_first_step_below():
     steps = torch.tensor([0, 1, 2, 5, 10, 20, 50])
-    errors = torch.tensor([[3.0, 2.0, 1.0, 0.5, 0.2, 0.3, 0.1],   # dips below 0.25 at 10, back above at 20
-                           [1.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1],
-                           [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    errors = torch.tensor(
+        [
+            [3.0, 2.0, 1.0, 0.5, 0.2, 0.3, 0.1],  # dips below 0.25 at 10, back above at 20
+            [1.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1],
+            [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        ]
+    )
     assert first_step_below(errors, steps, 0.25).tolist() == [50, 1, -1]
     with pytest.raises(ValueError, match="errors"):
         first_step_below(errors[:, :3], steps, 0.25)

@@ -40,8 +40,9 @@ def check_mask(mask, batch_shape: torch.Size, device) -> torch.Tensor | None:
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must have dtype torch.bool (True = the token counts), got {mask.dtype}")
     if mask.shape != batch_shape:
-        raise ValueError(f"mask must have shape {tuple(batch_shape)} (the logits without the vocab axis), "
-                         f"got {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must have shape {tuple(batch_shape)} (the logits without the vocab axis), got {tuple(mask.shape)}"
+        )
     return mask.to(device)
 
 

@@ -100,8 +100,15 @@ def _akl_coefficient(q, p, *, mu=0.5):
 _UNIT = dict(low=0.0, high=1.0)
 
 
-@divergence(kernel=K.forward_kl_rows, label="FKL", color="#0072B2", marker=("o", 5.2), aliases=("fkl",),
-            prob_gradient=_fkl_coefficient, reference="Hinton et al. 2015")
+@divergence(
+    kernel=K.forward_kl_rows,
+    label="FKL",
+    color="#0072B2",
+    marker=("o", 5.2),
+    aliases=("fkl",),
+    prob_gradient=_fkl_coefficient,
+    reference="Hinton et al. 2015",
+)
 def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", chunk_size=None):
     r"""Forward KL, :math:`\mathrm{KL}(p\,\|\,q) = \sum_v p_v \log(p_v / q_v)`: the standard KD loss.
 
@@ -114,8 +121,15 @@ def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, re
     """
 
 
-@divergence(kernel=K.reverse_kl_rows, label="RKL", color="#D55E00", marker=("s", 3.4), aliases=("rkl",),
-            prob_gradient=_rkl_coefficient, reference="Gu et al., MiniLLM, ICLR 2024")
+@divergence(
+    kernel=K.reverse_kl_rows,
+    label="RKL",
+    color="#D55E00",
+    marker=("s", 3.4),
+    aliases=("rkl",),
+    prob_gradient=_rkl_coefficient,
+    reference="Gu et al., MiniLLM, ICLR 2024",
+)
 def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", chunk_size=None):
     r"""Reverse KL, :math:`\mathrm{KL}(q\,\|\,p) = \sum_v q_v \log(q_v / p_v)`.
 
@@ -124,11 +138,19 @@ def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, re
     """
 
 
-@divergence(kernel=K.symmetric_kl_rows, label="FKL+RKL", color="#CC79A7", marker=("D", 3.4),
-            hyper=[Hyper("w", 0.5, **_UNIT, symbol="w", examples=(0.0, 0.3, 1.0))], aliases=("fkl+rkl",),
-            prob_gradient=_symmetric_kl_coefficient, reference="Wu et al., COLING 2025, Table 2")
-def symmetric_kl(student_logits, teacher_logits, *, w=0.5, temperature=1.0, mask=None, reduction="mean",
-                 chunk_size=None):
+@divergence(
+    kernel=K.symmetric_kl_rows,
+    label="FKL+RKL",
+    color="#CC79A7",
+    marker=("D", 3.4),
+    hyper=[Hyper("w", 0.5, **_UNIT, symbol="w", examples=(0.0, 0.3, 1.0))],
+    aliases=("fkl+rkl",),
+    prob_gradient=_symmetric_kl_coefficient,
+    reference="Wu et al., COLING 2025, Table 2",
+)
+def symmetric_kl(
+    student_logits, teacher_logits, *, w=0.5, temperature=1.0, mask=None, reduction="mean", chunk_size=None
+):
     r"""Weighted sum of both KL directions: :math:`(1-w)\,\mathrm{KL}(p\|q) + w\,\mathrm{KL}(q\|p)`.
 
     ``w=0.5`` is (half of) the "FKL+RKL" baseline of the AKL paper; w=0 gives forward KL, w=1 reverse KL.
@@ -138,9 +160,16 @@ def symmetric_kl(student_logits, teacher_logits, *, w=0.5, temperature=1.0, mask
     """
 
 
-@divergence(kernel=K.js_rows, label="JSD", color="#009E73", marker=("^", 4.0),
-            hyper=[Hyper("beta", 0.5, **_UNIT, symbol="β", examples=(0.0, 0.1, 0.9, 1.0))], aliases=("jsd",),
-            prob_gradient=_js_coefficient, reference="Agarwal et al., GKD, ICLR 2024")
+@divergence(
+    kernel=K.js_rows,
+    label="JSD",
+    color="#009E73",
+    marker=("^", 4.0),
+    hyper=[Hyper("beta", 0.5, **_UNIT, symbol="β", examples=(0.0, 0.1, 0.9, 1.0))],
+    aliases=("jsd",),
+    prob_gradient=_js_coefficient,
+    reference="Agarwal et al., GKD, ICLR 2024",
+)
 def js(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None, reduction="mean", chunk_size=None):
     r"""Generalized Jensen-Shannon divergence in the GKD / TRL convention.
 
@@ -159,8 +188,15 @@ def js(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None, 
     """
 
 
-@divergence(kernel=K.tvd_rows, label="TVD", color="#E69F00", marker=("v", 4.0), aliases=("tv",),
-            prob_gradient=_tvd_coefficient, reference="Ji et al., TaiLr, ICLR 2023")
+@divergence(
+    kernel=K.tvd_rows,
+    label="TVD",
+    color="#E69F00",
+    marker=("v", 4.0),
+    aliases=("tv",),
+    prob_gradient=_tvd_coefficient,
+    reference="Ji et al., TaiLr, ICLR 2023",
+)
 def tvd(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", chunk_size=None):
     r"""Total variation distance, :math:`\tfrac12 \sum_v |p_v - q_v|`, in [0, 1].
 
@@ -172,11 +208,19 @@ def tvd(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction
     """
 
 
-@divergence(kernel=K.skew_kl_rows, label="SKL", color="#56B4E9", marker=("<", 4.0),
-            hyper=[Hyper("alpha", 0.1, **_UNIT, symbol="α", examples=(0.0, 0.5, 1.0))], aliases=("skl",),
-            prob_gradient=_skew_kl_coefficient, reference="Ko et al., DistiLLM, ICML 2024")
-def skew_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, mask=None, reduction="mean",
-            chunk_size=None):
+@divergence(
+    kernel=K.skew_kl_rows,
+    label="SKL",
+    color="#56B4E9",
+    marker=("<", 4.0),
+    hyper=[Hyper("alpha", 0.1, **_UNIT, symbol="α", examples=(0.0, 0.5, 1.0))],
+    aliases=("skl",),
+    prob_gradient=_skew_kl_coefficient,
+    reference="Ko et al., DistiLLM, ICML 2024",
+)
+def skew_kl(
+    student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, mask=None, reduction="mean", chunk_size=None
+):
     r"""Skew forward KL (DistiLLM): :math:`\mathrm{KL}(p\,\|\,\alpha p + (1-\alpha) q)`.
 
     alpha=0 gives forward KL, alpha=1 gives 0. For alpha > 0 the gradient on classes the student under-weights
@@ -188,11 +232,19 @@ def skew_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, mask=
     """
 
 
-@divergence(kernel=K.skew_reverse_kl_rows, label="SRKL", color="#A6611A", marker=(">", 4.0),
-            hyper=[Hyper("alpha", 0.1, **_UNIT, symbol="α", examples=(0.0, 0.5, 1.0))], aliases=("srkl",),
-            prob_gradient=_skew_reverse_kl_coefficient, reference="Ko et al., DistiLLM, ICML 2024")
-def skew_reverse_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, mask=None, reduction="mean",
-                    chunk_size=None):
+@divergence(
+    kernel=K.skew_reverse_kl_rows,
+    label="SRKL",
+    color="#A6611A",
+    marker=(">", 4.0),
+    hyper=[Hyper("alpha", 0.1, **_UNIT, symbol="α", examples=(0.0, 0.5, 1.0))],
+    aliases=("srkl",),
+    prob_gradient=_skew_reverse_kl_coefficient,
+    reference="Ko et al., DistiLLM, ICML 2024",
+)
+def skew_reverse_kl(
+    student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, mask=None, reduction="mean", chunk_size=None
+):
     r"""Skew reverse KL (DistiLLM): :math:`\mathrm{KL}(q\,\|\,\alpha q + (1-\alpha) p)`.
 
     alpha=0 gives reverse KL, alpha=1 gives 0.
@@ -202,9 +254,15 @@ def skew_reverse_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.
     """
 
 
-@divergence(kernel=K.akl_rows, label="AKL", color="#6A3D9A", marker=("*", 4.8),
-            hyper=[Hyper("mu", 0.5, **_UNIT, low_open=True, high_open=True, symbol="μ", examples=(0.1, 0.9))],
-            prob_gradient=_akl_coefficient, reference="Wu et al., COLING 2025 (arXiv 2404.02657)")
+@divergence(
+    kernel=K.akl_rows,
+    label="AKL",
+    color="#6A3D9A",
+    marker=("*", 4.8),
+    hyper=[Hyper("mu", 0.5, **_UNIT, low_open=True, high_open=True, symbol="μ", examples=(0.1, 0.9))],
+    prob_gradient=_akl_coefficient,
+    reference="Wu et al., COLING 2025 (arXiv 2404.02657)",
+)
 def akl(student_logits, teacher_logits, *, mu=0.5, temperature=1.0, mask=None, reduction="mean", chunk_size=None):
     r"""Adaptive KL (AKL): forward and reverse KL weighted per token by the student's error on head and tail.
 

@@ -158,4 +158,3 @@ def akl_weights(logq, logp, mu):
     p2, q2 = p.reshape(-1, vocab).contiguous(), q.reshape(-1, vocab).contiguous()
     w_head = head_weight(q2, p2, mu, Scratch.like(p2)).reshape(p.shape[:-1])
     return w_head, 1 - w_head
-

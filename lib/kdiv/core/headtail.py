@@ -65,8 +65,10 @@ def head_tail_error(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mu
     """
     _check_probs("student_probs", student_probs)
     if student_probs.shape != teacher_probs.shape:
-        raise ValueError(f"student_probs and teacher_probs must have the same shape, got "
-                         f"{tuple(student_probs.shape)} and {tuple(teacher_probs.shape)}")
+        raise ValueError(
+            f"student_probs and teacher_probs must have the same shape, got "
+            f"{tuple(student_probs.shape)} and {tuple(teacher_probs.shape)}"
+        )
     head = head_mask(teacher_probs, mu)
     with torch.no_grad():
         err = (teacher_probs - student_probs).abs()

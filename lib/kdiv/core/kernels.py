@@ -212,4 +212,3 @@ def akl_rows(c, *, mu):
     if c.grad is not None:
         _mix_kl_grad(c, d, k, rkl, w_head, w_tail)
     return w_head.squeeze(-1) * fkl + w_tail.squeeze(-1) * rkl
-

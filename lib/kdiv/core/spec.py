@@ -109,23 +109,44 @@ def divergence(*, kernel, label, color, marker, hyper=(), aliases=(), prob_gradi
         keywords = {k: p.default for k, p in signature.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
         declared = {h.name: h.default for h in hyper}
         if keywords != {**declared, **COMMON_ARGUMENTS}:
-            raise ValueError(f"{name}'s keyword arguments {keywords} do not match its hyper-parameters {declared} "
-                             f"and the common arguments {COMMON_ARGUMENTS}")
+            raise ValueError(
+                f"{name}'s keyword arguments {keywords} do not match its hyper-parameters {declared} "
+                f"and the common arguments {COMMON_ARGUMENTS}"
+            )
         by_name = {h.name: h for h in hyper}
 
         @functools.wraps(template)
-        def fn(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", chunk_size=None,
-               **values):
+        def fn(
+            student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", chunk_size=None, **values
+        ):
             unknown = sorted(set(values) - set(by_name))
             if unknown:
                 raise TypeError(f"{name}() got an unexpected keyword argument {unknown[0]!r}")
             checked = {k: h.check(values[k]) if k in values else h.default for k, h in by_name.items()}
-            return rowwise_divergence(kernel, student_logits, teacher_logits, temperature=temperature, mask=mask,
-                                      reduction=reduction, chunk_size=chunk_size, hyper=checked)
+            return rowwise_divergence(
+                kernel,
+                student_logits,
+                teacher_logits,
+                temperature=temperature,
+                mask=mask,
+                reduction=reduction,
+                chunk_size=chunk_size,
+                hyper=checked,
+            )
 
         fn.spec = SPECS[name] = DivergenceSpec(
-            name=name, fn=fn, kernel=kernel, hyper=tuple(hyper), label=label, color=color, marker=tuple(marker),
-            aliases=tuple(aliases), prob_gradient=prob_gradient, reference=reference, defaults=declared)
+            name=name,
+            fn=fn,
+            kernel=kernel,
+            hyper=tuple(hyper),
+            label=label,
+            color=color,
+            marker=tuple(marker),
+            aliases=tuple(aliases),
+            prob_gradient=prob_gradient,
+            reference=reference,
+            defaults=declared,
+        )
         return fn
 
     return wrap

@@ -76,8 +76,9 @@ def _check_support(support, n: int, dtype, device) -> torch.Tensor | None:
         return None
     support = torch.as_tensor(support)
     if support.dim() != 1 or support.shape[0] != n:
-        raise ValueError(f"support must be a 1-D tensor of length {n} (the vocabulary), got shape "
-                         f"{tuple(support.shape)}")
+        raise ValueError(
+            f"support must be a 1-D tensor of length {n} (the vocabulary), got shape {tuple(support.shape)}"
+        )
     support = support.to(device=device, dtype=dtype)
     if not torch.isfinite(support).all():
         raise ValueError("support contains NaN or inf")
@@ -269,8 +270,10 @@ def _sinkhorn_args(a, b, cost, epsilon, max_iter, tol):
     try:
         torch.broadcast_shapes(a.shape[:-1], b.shape[:-1], cost.shape[:-2])
     except RuntimeError:
-        raise ValueError(f"the leading dims of a {tuple(a.shape[:-1])}, b {tuple(b.shape[:-1])} and cost "
-                         f"{tuple(cost.shape[:-2])} do not broadcast") from None
+        raise ValueError(
+            f"the leading dims of a {tuple(a.shape[:-1])}, b {tuple(b.shape[:-1])} and cost "
+            f"{tuple(cost.shape[:-2])} do not broadcast"
+        ) from None
     if not torch.isfinite(cost).all():
         raise ValueError("cost contains NaN or inf")
     dtype = _dtype(a, b, cost) if cost.is_floating_point() else _dtype(a, b)
@@ -347,8 +350,9 @@ def sinkhorn_divergence(a, b, cost, *, epsilon=0.1, max_iter=1000, tol=1e-6):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def sinkd(student_logits, teacher_logits, *, epsilon=0.1, max_iter=20, tol=0.0, temperature=1.0, mask=None,
-          reduction="mean"):
+def sinkd(
+    student_logits, teacher_logits, *, epsilon=0.1, max_iter=20, tol=0.0, temperature=1.0, mask=None, reduction="mean"
+):
     r"""SinKD's batch-wise Sinkhorn loss: entropic OT between the b student and the b teacher distributions.
 
     The b counted tokens (all rows of the logits, or those where ``mask`` is True) are the support points. The

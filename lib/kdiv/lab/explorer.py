@@ -56,8 +56,16 @@ class Explorer:
     from code: setting their ``value`` does what moving them does.
     """
 
-    def __init__(self, teacher: str = "bimodal", divergences=("forward_kl", "reverse_kl"), lr: float = 0.1,
-                 steps: int = 100, *, seed: int = 0, mu: float = 0.5):
+    def __init__(
+        self,
+        teacher: str = "bimodal",
+        divergences=("forward_kl", "reverse_kl"),
+        lr: float = 0.1,
+        steps: int = 100,
+        *,
+        seed: int = 0,
+        mu: float = 0.5,
+    ):
         self.seed, self.mu = seed, mu
         self._ui = None
         self._artists: dict = {}
@@ -66,8 +74,9 @@ class Explorer:
 
     # ---- computation ------------------------------------------------------------------------------------------
 
-    def refit(self, *, teacher: str | None = None, divergences=None, lr: float | None = None,
-              steps: int | None = None) -> toy.FitResult:
+    def refit(
+        self, *, teacher: str | None = None, divergences=None, lr: float | None = None, steps: int | None = None
+    ) -> toy.FitResult:
         """Fit again with the given choices (the others unchanged) and redraw at the last step."""
         teacher = self.teacher_name if teacher is None else teacher
         divergences = self.divergences if divergences is None else tuple(divergences)
@@ -155,13 +164,15 @@ class Explorer:
         n = next(_ids)
         self.controls = {
             "teacher": w.Dropdown(options=list(TEACHERS), value=self.teacher_name, description="teacher"),
-            "divergences": w.SelectMultiple(options=list(DIVERGENCES), value=self.divergences, rows=4,
-                                            description="divergences"),
+            "divergences": w.SelectMultiple(
+                options=list(DIVERGENCES), value=self.divergences, rows=4, description="divergences"
+            ),
             "lr": w.FloatLogSlider(value=self.lr, base=10, min=-2, max=0, step=0.1, description="Adam lr"),
             "steps": w.IntSlider(value=self.steps, min=10, max=400, step=10, description="steps"),
         }
-        self.step_slider = w.IntSlider(value=self.step, min=0, max=self.steps, description="step",
-                                        continuous_update=True)
+        self.step_slider = w.IntSlider(
+            value=self.step, min=0, max=self.steps, description="step", continuous_update=True
+        )
         # An Image widget, not an Output widget: updating its bytes needs no captured display/clear_output, which
         # headless runners (nbclient) have to emulate and can stall on.
         self._image = w.Image(format="png")

@@ -67,8 +67,8 @@ class GaussianMixture:
     @property
     def std(self) -> float:
         """The mixture's standard deviation, :math:`\\sqrt{\\sum_k w_k (\\sigma_k^2 + \\mu_k^2) - \\text{mean}^2}`."""
-        second = sum(w * (c.sigma ** 2 + c.mean ** 2) for w, c in zip(self.weights, self.components, strict=True))
-        return math.sqrt(max(second - self.mean ** 2, 0.0))
+        second = sum(w * (c.sigma**2 + c.mean**2) for w, c in zip(self.weights, self.components, strict=True))
+        return math.sqrt(max(second - self.mean**2, 0.0))
 
     def log_density(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x), computed in log space (no underflow far from the modes). x [V] float64 -> [V]."""
@@ -124,9 +124,17 @@ class GaussianFit:
         return gaussian_log_density(self.x, self.mean[d, init, step], self.std[d, init, step]).exp()
 
 
-def fit_gaussian(mixture: GaussianMixture, divergences, *, inits: Sequence[tuple[float, float]],
-                 steps: int = 400, lr: float = 0.05, optimizer="adam", grid: torch.Tensor | None = None,
-                 temperature: float = 1.0) -> GaussianFit:
+def fit_gaussian(
+    mixture: GaussianMixture,
+    divergences,
+    *,
+    inits: Sequence[tuple[float, float]],
+    steps: int = 400,
+    lr: float = 0.05,
+    optimizer="adam",
+    grid: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> GaussianFit:
     r"""Fit one Gaussian N(m, s^2) to ``mixture`` under each divergence, from each initial (mean, std), in one loop.
 
     The loss of divergence d is ``divergence(student_logits, teacher_logits)`` with both logits the log densities on

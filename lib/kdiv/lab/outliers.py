@@ -80,8 +80,9 @@ class GaussianSearch:
     profile: torch.Tensor
 
 
-def best_gaussian(x, teacher_logits, divergence, *, means=(-3.0, 13.0, 33), sigmas=(0.3, 10.0, 13), levels=10,
-                 zoom=7) -> GaussianSearch:
+def best_gaussian(
+    x, teacher_logits, divergence, *, means=(-3.0, 13.0, 33), sigmas=(0.3, 10.0, 13), levels=10, zoom=7
+) -> GaussianSearch:
     r"""The single Gaussian closest to each teacher under ``divergence``, by a coarse grid and repeated zooms.
 
     ``divergence``: a registry name or ``(name, {hyper: value})``; the loss is ``divergence(student_logits,
@@ -138,8 +139,9 @@ def best_gaussian(x, teacher_logits, divergence, *, means=(-3.0, 13.0, 33), sigm
     return GaussianSearch(best_mu, best_ls.exp(), best_loss, grid_mu, profile)
 
 
-def train_gaussian(x, teacher_logits, divergence, *, mean=0.0, sigma=1.0, steps=300, lr=0.05
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def train_gaussian(
+    x, teacher_logits, divergence, *, mean=0.0, sigma=1.0, steps=300, lr=0.05
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Train a single Gaussian on each teacher by Adam on (mu, log sigma), the learning rate cosine-annealed to 0.
 
     Where :func:`best_gaussian` finds the minimum of the divergence's value, this finds where training stops, which

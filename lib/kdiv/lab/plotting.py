@@ -191,19 +191,36 @@ def plot_distribution(ax, x, probs, spec, *, kind: str | None = None, **kwargs):
     c = color(spec)
     if kind == "line":
         kwargs.setdefault("zorder", 2)
-        (artist,) = ax.plot(x, probs, "-", color=c, marker="." if is_teacher else None,
-                            markersize=3, linewidth=1.2 if is_teacher else 1.6, **kwargs)
+        (artist,) = ax.plot(
+            x,
+            probs,
+            "-",
+            color=c,
+            marker="." if is_teacher else None,
+            markersize=3,
+            linewidth=1.2 if is_teacher else 1.6,
+            **kwargs,
+        )
     elif kind == "scatter":
         # markers of a Line2D without its line: same look as ax.scatter, several times faster to draw (GIF frames)
         marker, size = MARKERS.get(_canonical(name), ("o", 4.0))
         kwargs.setdefault("zorder", 3)
         kwargs.setdefault("marker", marker)
         kwargs.setdefault("markersize", size)
-        (artist,) = ax.plot(x, probs, linestyle="none", markerfacecolor="none", markeredgecolor=c,
-                            markeredgewidth=1.1, color=c, **kwargs)
+        (artist,) = ax.plot(
+            x,
+            probs,
+            linestyle="none",
+            markerfacecolor="none",
+            markeredgecolor=c,
+            markeredgewidth=1.1,
+            color=c,
+            **kwargs,
+        )
     elif kind == "bar":
-        artist = ax.bar(x, probs, width=0.8 * float(np.min(np.diff(x))) if x.size > 1 else 0.8, color=c,
-                        alpha=0.35, **kwargs)
+        artist = ax.bar(
+            x, probs, width=0.8 * float(np.min(np.diff(x))) if x.size > 1 else 0.8, color=c, alpha=0.35, **kwargs
+        )
     else:
         raise ValueError(f"kind must be 'line', 'scatter' or 'bar', got {kind!r}")
     return artist
@@ -279,8 +296,10 @@ def figures_dir(folder=None) -> Path:
     elif os.environ.get("KDIV_FIGURES"):
         chosen = Path(os.environ["KDIV_FIGURES"])
     else:
-        raise ValueError("no folder for figures was named: pass folder=, call kdiv.lab.plotting.set_figures_dir(...) "
-                         "or set KDIV_FIGURES")
+        raise ValueError(
+            "no folder for figures was named: pass folder=, call kdiv.lab.plotting.set_figures_dir(...) "
+            "or set KDIV_FIGURES"
+        )
     chosen.mkdir(parents=True, exist_ok=True)
     return chosen
 
@@ -330,8 +349,18 @@ def _draw_changed(fig, canvas, changed, inset_backgrounds: dict) -> None:
         fig.draw_artist(a)
 
 
-def save_gif(fig, update: Callable[[object], Iterable | None], frames, name: str, *, fps: float = 20,
-             dpi: int = 72, colors: int = 48, loop: int = 0, folder=None) -> Path:
+def save_gif(
+    fig,
+    update: Callable[[object], Iterable | None],
+    frames,
+    name: str,
+    *,
+    fps: float = 20,
+    dpi: int = 72,
+    colors: int = 48,
+    loop: int = 0,
+    folder=None,
+) -> Path:
     """Write ``<folder>/<name>.gif`` (see :func:`figures_dir`) by updating the artists of one figure, frame by frame.
 
     ``update(frame)`` changes the data of existing artists (``set_offsets``, ``set_ydata``, ``set_text``...) and
@@ -361,10 +390,12 @@ def save_gif(fig, update: Callable[[object], Iterable | None], frames, name: str
     # to mark "unchanged since the previous frame" (transparent over an undisposed frame), which turns the static
     # parts of every frame into long runs that LZW compresses to almost nothing.
     sample = np.concatenate([images[0], images[len(images) // 2], images[-1]], axis=0)
-    palette = Image.fromarray(sample).quantize(colors=colors - 1, method=Image.Quantize.MEDIANCUT,
-                                               dither=Image.Dither.NONE)
-    indexed = np.stack([np.asarray(Image.fromarray(im).quantize(palette=palette, dither=Image.Dither.NONE))
-                        for im in images])
+    palette = Image.fromarray(sample).quantize(
+        colors=colors - 1, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
+    )
+    indexed = np.stack(
+        [np.asarray(Image.fromarray(im).quantize(palette=palette, dither=Image.Dither.NONE)) for im in images]
+    )
     keep = colors - 1
     delta = indexed.copy()
     delta[1:][indexed[1:] == indexed[:-1]] = keep
@@ -376,8 +407,17 @@ def save_gif(fig, update: Callable[[object], Iterable | None], frames, name: str
         pil_frames.append(im)
     # Pillow directly (imageio would hand it a palette to remap to, which scrambles the reserved index). GIF delays
     # are in centiseconds, so the frame time is rounded to 10 ms.
-    pil_frames[0].save(path, format="GIF", save_all=True, append_images=pil_frames[1:], loop=loop,
-                       duration=10 * max(1, round(100 / fps)), disposal=1, transparency=keep, optimize=False)
+    pil_frames[0].save(
+        path,
+        format="GIF",
+        save_all=True,
+        append_images=pil_frames[1:],
+        loop=loop,
+        duration=10 * max(1, round(100 / fps)),
+        disposal=1,
+        transparency=keep,
+        optimize=False,
+    )
     return path
 
 
@@ -399,8 +439,11 @@ def _render_frames(fig, update, frames: list, dpi: int) -> list[np.ndarray]:
         canvas.draw()  # the static background (animated artists are skipped by a full draw)
         background = canvas.copy_from_bbox(fig.bbox) if blit else None
         renderer = canvas.get_renderer()
-        inset_backgrounds = {inset: canvas.copy_from_bbox(inset.get_tightbbox(renderer))
-                             for ax in fig.axes for inset in ax.child_axes} if blit else {}
+        inset_backgrounds = (
+            {inset: canvas.copy_from_bbox(inset.get_tightbbox(renderer)) for ax in fig.axes for inset in ax.child_axes}
+            if blit
+            else {}
+        )
         for i, frame in enumerate(frames):
             changed = changed if i == 0 else update(frame)
             if blit:

@@ -97,8 +97,9 @@ class Teacher:
 
     def __post_init__(self):
         if self.x.dim() != 1 or self.x.shape != self.probs.shape:
-            raise ValueError(f"x and probs must be 1-D of one shape, got {tuple(self.x.shape)} and "
-                             f"{tuple(self.probs.shape)}")
+            raise ValueError(
+                f"x and probs must be 1-D of one shape, got {tuple(self.x.shape)} and {tuple(self.probs.shape)}"
+            )
         if not torch.isfinite(self.probs).all() or (self.probs < 0).any():
             raise ValueError("probs must be finite and non-negative")
         if abs(float(self.probs.sum()) - 1.0) > 1e-9:
@@ -139,8 +140,9 @@ def mixture_teacher(x, components: Sequence[Component], *, name: str = "mixture"
 
 def bimodal_teacher() -> Teacher:
     """Case (a): 0.3 N(25, 10) + 0.5 N(75, 10) on x = 0, 2, ..., 98 (50 points), renormalised."""
-    return mixture_teacher(_grid(0.0, 2.0, 50), [Component(0.3, 25.0, 10.0), Component(0.5, 75.0, 10.0)],
-                           name="bimodal")
+    return mixture_teacher(
+        _grid(0.0, 2.0, 50), [Component(0.3, 25.0, 10.0), Component(0.5, 75.0, 10.0)], name="bimodal"
+    )
 
 
 def unimodal_teacher() -> Teacher:
@@ -236,8 +238,8 @@ class Adam:
                 self.state[id(p)] = (exp_avg, exp_avg_sq, t)
                 exp_avg.lerp_(p.grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                step_size = group["lr"] / (1 - beta1 ** t)
-                denom = (exp_avg_sq.sqrt() / (1 - beta2 ** t) ** 0.5).add_(self.eps)
+                step_size = group["lr"] / (1 - beta1**t)
+                denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(self.eps)
                 p.addcdiv_(exp_avg, denom, value=-step_size)
 
 
@@ -321,8 +323,9 @@ class FitResult:
         """Total variation distance to the teacher, [D, L, S, R]."""
         return 0.5 * (self.probs - self.teacher.probs).abs().sum(-1)
 
-    def head_tail_table(self, steps: Sequence[int], *, mu: float = 0.5, lr: int = 0, seed: int = 0,
-                        digits: int = 4) -> str:
+    def head_tail_table(
+        self, steps: Sequence[int], *, mu: float = 0.5, lr: int = 0, seed: int = 0, digits: int = 4
+    ) -> str:
         """A fixed-digit text table: one row per step, head and tail error per divergence (for notebook output)."""
         g_head, g_tail = self.head_tail_error(mu)
         width = max(digits + 3, *(len(k) + 6 for k in self.keys))
@@ -330,14 +333,26 @@ class FitResult:
         lines = [header]
         for step in steps:
             r = self._step_index(step)
-            cells = "".join(f"{float(g_head[d, lr, seed, r]):>{width}.{digits}f}"
-                            f"{float(g_tail[d, lr, seed, r]):>{width}.{digits}f}" for d in range(len(self.keys)))
+            cells = "".join(
+                f"{float(g_head[d, lr, seed, r]):>{width}.{digits}f}{float(g_tail[d, lr, seed, r]):>{width}.{digits}f}"
+                for d in range(len(self.keys))
+            )
             lines.append(f"{step:>5}{cells}")
         return "\n".join(lines)
 
 
-def fit(teacher: Teacher, divergences, steps: int = 200, lr=0.1, *, seeds=0, init=None, optimizer="adam",
-        record=None, temperature: float = 1.0) -> FitResult:
+def fit(
+    teacher: Teacher,
+    divergences,
+    steps: int = 200,
+    lr=0.1,
+    *,
+    seeds=0,
+    init=None,
+    optimizer="adam",
+    record=None,
+    temperature: float = 1.0,
+) -> FitResult:
     r"""Fit a free softmax student to ``teacher`` under each divergence, from shared initial logits, in one loop.
 
     The student of divergence d is logits z [V], q = softmax(z / temperature); each step minimises
@@ -419,4 +434,3 @@ def fit(teacher: Teacher, divergences, steps: int = 200, lr=0.1, *, seeds=0, ini
             evaluate(steps, False)
 
     return FitResult(teacher, tuple(keys), tuple(float(v) for v in lrs), seed_list, record_steps, probs, losses)
-

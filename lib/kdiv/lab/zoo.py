@@ -40,8 +40,14 @@ def wasserstein_on(x) -> object:
         raise ValueError("x must be a 1-D increasing grid of at least 2 points")
 
     def wasserstein_1d_loss(student_logits, teacher_logits, *, reduction="mean", temperature=1.0, mask=None):
-        return wasserstein_1d(student_logits, teacher_logits, support=x.to(student_logits.dtype),
-                              reduction=reduction, temperature=temperature, mask=mask)
+        return wasserstein_1d(
+            student_logits,
+            teacher_logits,
+            support=x.to(student_logits.dtype),
+            reduction=reduction,
+            temperature=temperature,
+            mask=mask,
+        )
 
     wasserstein_1d_loss.__name__ = "wasserstein_1d"
     return wasserstein_1d_loss
@@ -58,8 +64,9 @@ def location_sweep(x, teacher_logits, divergence, centers, *, sigma: float = 1.0
     x = torch.as_tensor(x, dtype=torch.float64)
     teacher_logits = torch.as_tensor(teacher_logits, dtype=torch.float64)
     if x.dim() != 1 or teacher_logits.shape != x.shape:
-        raise ValueError(f"x and teacher_logits must be [V] of one shape, got {tuple(x.shape)} and "
-                         f"{tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"x and teacher_logits must be [V] of one shape, got {tuple(x.shape)} and {tuple(teacher_logits.shape)}"
+        )
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     _, fn = resolve_divergence(divergence)
@@ -111,8 +118,10 @@ def head_tail_log_error(student_probs: torch.Tensor, teacher_probs: torch.Tensor
     """
     teacher_probs = torch.as_tensor(teacher_probs)
     if teacher_probs.dim() != 1 or student_probs.shape[-1] != teacher_probs.shape[0]:
-        raise ValueError(f"teacher_probs must be [V] with V = student_probs.shape[-1], got "
-                         f"{tuple(teacher_probs.shape)} and {tuple(student_probs.shape)}")
+        raise ValueError(
+            f"teacher_probs must be [V] with V = student_probs.shape[-1], got "
+            f"{tuple(teacher_probs.shape)} and {tuple(student_probs.shape)}"
+        )
     head = head_mask(teacher_probs, mu)
     err = (student_probs.log() - teacher_probs.log()).abs()
     return err[..., head].mean(-1), err[..., ~head].mean(-1)

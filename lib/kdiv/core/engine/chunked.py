@@ -131,11 +131,11 @@ def _row_blocks(n_rows: int, rows: torch.Tensor | None, chunk_rows: int):
         return
     listed = rows.tolist()
     for start in range(0, len(listed), chunk_rows):
-        block = listed[start:start + chunk_rows]
+        block = listed[start : start + chunk_rows]
         if block[-1] - block[0] == len(block) - 1:
             yield slice(block[0], block[-1] + 1)
         else:
-            yield rows[start:start + chunk_rows]
+            yield rows[start : start + chunk_rows]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,8 +194,12 @@ def _workers() -> ThreadPoolExecutor | None:
     if _threads_usable is None:
         set_threads = _omp_set_num_threads()
         if set_threads is not None:
-            _executor = ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 2), thread_name_prefix="kdiv",
-                                           initializer=_init_worker, initargs=(set_threads,))
+            _executor = ThreadPoolExecutor(
+                max_workers=max(os.cpu_count() or 1, 2),
+                thread_name_prefix="kdiv",
+                initializer=_init_worker,
+                initargs=(set_threads,),
+            )
             _threads_usable = _executor.submit(lambda: _local.single).result()
         else:
             _threads_usable = False
@@ -221,8 +225,13 @@ class _Engine:
         """A worker's chunk buffers: q, p, the two scaled logits (when they cannot be views of the inputs), the
         gradient block (when it cannot be written in place), the dot product's, the kernel's scratch; one
         allocation, cut into views once per block size."""
-        pool = torch.empty(_FIXED_BUFFERS + MAX_SCRATCH, self.buffer_rows, self.student.shape[1], dtype=self.dtype,
-                           device=self.student.device)
+        pool = torch.empty(
+            _FIXED_BUFFERS + MAX_SCRATCH,
+            self.buffer_rows,
+            self.student.shape[1],
+            dtype=self.dtype,
+            device=self.student.device,
+        )
         cache = {}
 
         def views(n):
@@ -355,8 +364,7 @@ class _ChunkedRowLoss(torch.autograd.Function):
         # the gradient of the reduced loss, already weighted, so that a plain loss.backward() only hands it on
         weight = 1.0 / max(n_counted, 1) if reduction == "mean" else 1.0
         scale = weight / temperature
-        loss, grad = _chunked_pass(student, teacher, counted, kernel, hyper, temperature, chunk_rows, want_grad,
-                                   scale)
+        loss, grad = _chunked_pass(student, teacher, counted, kernel, hyper, temperature, chunk_rows, want_grad, scale)
         # The gradient is kept as an attribute, not through save_for_backward, so that backward can hand it on (or
         # scale it in place): no second [N, V] tensor. A further backward (retain_graph=True) recomputes it.
         ctx.grad = grad
@@ -372,8 +380,10 @@ class _ChunkedRowLoss(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: the gradient is closed-form, without a graph back to the logits, so a second
             # derivative through it would silently miss this loss's term. Refuse rather than be wrong.
-            raise RuntimeError("kdiv's token-level divergences cannot be differentiated twice (create_graph=True): "
-                               "their gradient is computed in closed form")
+            raise RuntimeError(
+                "kdiv's token-level divergences cannot be differentiated twice (create_graph=True): "
+                "their gradient is computed in closed form"
+            )
         grad, ctx.grad = ctx.grad, None
         kernel, hyper, temperature, chunk_rows, scale, reduction = ctx.args
         if grad is None:
