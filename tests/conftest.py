@@ -1,4 +1,5 @@
-"""Shared fixtures: seeded random logits, and one small, deterministic hypothesis profile for the whole suite."""
+"""Shared fixtures and helpers: seeded random logits (`random_logits`, `small_pair`), one small, deterministic
+hypothesis profile for the whole suite, and the check that every parametrised test covers every divergence."""
 
 from __future__ import annotations
 
@@ -26,12 +27,6 @@ def random_logits(shape, *, seed=0, scale=2.0, dtype=torch.float32):
     s = torch.from_numpy(scale * rng.standard_normal(shape)).to(dtype)
     t = torch.from_numpy(scale * rng.standard_normal(shape)).to(dtype)
     return s, t
-
-
-@pytest.fixture
-def logits():
-    """Factory for seeded (student, teacher) logits: ``logits((3, 7, 1271), dtype=torch.float64)``."""
-    return random_logits
 
 
 @pytest.fixture

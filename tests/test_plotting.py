@@ -133,7 +133,7 @@ def test_nothing_is_written_until_a_folder_is_named(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_legend_outside_overlaps_no_axes(figures):
+def test_legend_outside_overlaps_no_axes():
     fig = _figure()
     fig.canvas.draw()
     legend = fig.legends[0].get_window_extent()

@@ -92,9 +92,10 @@ def _akl_coefficient(q, p, *, mu=0.5):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The divergences. Colours: Okabe-Ito (colour-blind safe) for the first seven, FKL blue and RKL vermillion
-# everywhere; markers: open shapes that stay distinguishable where students coincide (the FKL circle is large enough
-# to show an RKL square inside it).
+# The divergences. Colours: Okabe-Ito (colour-blind safe) for the first six, FKL blue and RKL vermillion
+# everywhere; SRKL's violet keeps a CIELAB distance of at least 25 from every other colour of the collection, in
+# normal vision and under simulated protan-, deutan- and tritanopia (Machado et al. 2009). Markers: open shapes that
+# stay distinguishable where students coincide (the FKL circle is large enough to show an RKL square inside it).
 # ---------------------------------------------------------------------------------------------------------------
 
 _UNIT = dict(low=0.0, high=1.0)
@@ -235,7 +236,7 @@ def skew_kl(
 @divergence(
     kernel=K.skew_reverse_kl_rows,
     label="SRKL",
-    color="#A6611A",
+    color="#AA00EE",
     marker=(">", 4.0),
     hyper=[Hyper("alpha", 0.1, **_UNIT, symbol="α", examples=(0.0, 0.5, 1.0))],
     aliases=("srkl",),

@@ -13,8 +13,12 @@ and nothing is written to ``figures/``.
     from kdiv.lab.explorer import Explorer
     ex = Explorer()
     ex.ui                      # the widgets, in a notebook
-    ex.refit(teacher="long tail", divergences=["forward_kl", "akl"], lr=0.2, steps=300)
+    ex.refit(teacher="long_tail", divergences=["forward_kl", "akl"], lr=0.2, steps=300)
     ex.show_step(10)
+
+Every view names things alike: teachers by :data:`TEACHER_LABELS`, divergences by their specs' labels
+(``kdiv.spec(name).label``: "FKL", "AKL", ...), the learning rate with :data:`LR_FORMAT` (the slider's readout too).
+Code takes the keys ("long_tail", "forward_kl").
 """
 
 from __future__ import annotations
@@ -25,19 +29,25 @@ import itertools
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-from ..core.registry import DIVERGENCES
+from ..core.registry import DIVERGENCES, spec
 from . import plotting, toy
 from .zoo import ZOO
 
-__all__ = ["TEACHERS", "Explorer"]
+__all__ = ["TEACHERS", "TEACHER_LABELS", "LR_FORMAT", "Explorer"]
 
-# The paper's three teachers (Wu et al., arXiv 2404.02657, Figures 2 and 3), by the names the dropdown shows.
+# The paper's three teachers (Wu et al., arXiv 2404.02657, Figures 2 and 3), keyed as in the other notebooks' tables.
 TEACHERS = {
     "bimodal": toy.bimodal_teacher,
     "unimodal": toy.unimodal_teacher,
-    "long tail": lambda: toy.long_tail_teacher(seed=0),
+    "long_tail": lambda: toy.long_tail_teacher(seed=0),
 }
+TEACHER_LABELS = {"bimodal": "bimodal", "unimodal": "unimodal", "long_tail": "long tail"}
+
+# The learning rate as the title prints it and the slider reads it out (a log slider's values are 10**k, k in
+# steps of 0.1: 0.630957... reads 0.631 in both).
+LR_FORMAT = ".3g"
 
 # One explorer per id: a fixed widget model id keeps a stored notebook's output identical from run to run.
 _ids = itertools.count()
@@ -46,14 +56,16 @@ _ids = itertools.count()
 class Explorer:
     """Toy fits under chosen divergences, with a step slider that redraws the students.
 
-    Arguments are the initial choices: ``teacher`` (a key of :data:`TEACHERS`), ``divergences`` (registry names;
-    each is fitted with the hyper-parameters of :data:`kdiv.lab.zoo.ZOO`), ``lr`` (Adam), ``steps``, ``seed`` (the
-    shared initial logits, :func:`kdiv.lab.toy.init_logits`), ``mu`` (the head / tail split of the error panel).
+    Arguments are the initial choices: ``teacher`` (a key of :data:`TEACHERS`: "bimodal", "unimodal", "long_tail"),
+    ``divergences`` (registry names; each is fitted with the hyper-parameters of :data:`kdiv.lab.zoo.ZOO`), ``lr``
+    (Adam), ``steps``, ``seed`` (the shared initial logits, :func:`kdiv.lab.toy.init_logits`), ``mu`` (the head /
+    tail split of the error panel).
 
     Attributes: ``result`` (the current :class:`kdiv.lab.toy.FitResult`), ``step`` (the step drawn), ``fig``,
     and ``ui`` (the widgets; built on first access, so the class works without ipywidgets installed). Once ``ui``
-    exists, ``controls`` (dict of the teacher / divergences / lr / steps widgets) and ``step_slider`` can also be set
-    from code: setting their ``value`` does what moving them does.
+    exists, ``controls`` (dict of the teacher / lr / steps widgets), ``divergence_boxes`` (one checkbox per
+    registered divergence, labelled with its spec's label) and ``step_slider`` can also be set from code: setting
+    their ``value`` does what moving or ticking them does; :meth:`select` ticks a whole set at once.
     """
 
     def __init__(
@@ -116,11 +128,11 @@ class Explorer:
             ax_fit, ax_err = fig.subplots(1, 2)
             x = self.teacher.x
             plotting.plot_distribution(ax_fit, x, self.teacher.probs, "teacher")
-            self._artists = {"students": {}, "markers": []}
+            self._artists = {"students": {}}
             steps = self.result.steps.numpy()
             for d, name in enumerate(self.divergences):
                 self._artists["students"][name] = plotting.plot_distribution(ax_fit, x, self.student(name, 0), name)
-                ax_err.plot(steps, self.head_error[d], "-", color=plotting.color(name))
+                ax_err.plot(steps, self.head_error[d], "-", color=plotting.color(name), label=plotting.label(name))
                 ax_err.plot(steps, self.tail_error[d], "--", color=plotting.color(name))
             ax_fit.set_xlabel("x (token)")
             ax_fit.set_ylabel("probability")
@@ -129,9 +141,18 @@ class Explorer:
             self._artists["title"] = ax_fit.set_title("")
             ax_err.set_yscale("log")
             ax_err.set_xlabel("Adam step")
-            ax_err.set_title(f"head (solid) and tail (dashed) error, mu = {self.mu:g}")
+            ax_err.set_ylabel("error")
+            ax_err.set_title(f"head and tail error (AKL split, mu = {self.mu:g})")
             self._artists["marker"] = ax_err.axvline(0, color=plotting.color("teacher"), linewidth=0.8, linestyle=":")
             ax_fit.legend(loc="upper right", fontsize=7.5)
+            # the colours are the left panel's; this legend says which line is which error. Outside the axes: the
+            # curves start high on the left and may end anywhere on the right.
+            styles = [
+                Line2D([], [], color=plotting.color("teacher"), linestyle="-", label="head error"),
+                Line2D([], [], color=plotting.color("teacher"), linestyle="--", label="tail error"),
+                Line2D([], [], color=plotting.color("teacher"), linestyle=":", linewidth=0.8, label="step shown"),
+            ]
+            ax_err.legend(handles=styles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5)
 
     def show_step(self, step: int) -> None:
         """Draw every student after ``step`` updates: only artist data change (no re-plot)."""
@@ -142,8 +163,12 @@ class Explorer:
         for name, artist in self._artists["students"].items():
             artist.set_ydata(self.student(name, step).numpy())
         self._artists["marker"].set_xdata([step, step])
-        self._artists["title"].set_text(f"{self.teacher_name} teacher, step {step} (Adam lr {self.lr:g})")
+        self._artists["title"].set_text(self.title())
         self._refresh()
+
+    def title(self) -> str:
+        """The left panel's title: teacher, step and learning rate, as the controls show them."""
+        return f"{TEACHER_LABELS[self.teacher_name]} teacher, step {self.step} (Adam lr {self.lr:{LR_FORMAT}})"
 
     def drawn(self, divergence: str) -> np.ndarray:
         """The y data currently drawn for ``divergence``'s student (to check the drawing against the fit)."""
@@ -162,13 +187,24 @@ class Explorer:
         import ipywidgets as w
 
         n = next(_ids)
+        teachers = [(TEACHER_LABELS[k], k) for k in TEACHERS]
         self.controls = {
-            "teacher": w.Dropdown(options=list(TEACHERS), value=self.teacher_name, description="teacher"),
-            "divergences": w.SelectMultiple(
-                options=list(DIVERGENCES), value=self.divergences, rows=4, description="divergences"
+            "teacher": w.Dropdown(options=teachers, value=self.teacher_name, description="teacher"),
+            "lr": w.FloatLogSlider(
+                value=self.lr, base=10, min=-2, max=0, step=0.1, description="Adam lr", readout_format=LR_FORMAT
             ),
-            "lr": w.FloatLogSlider(value=self.lr, base=10, min=-2, max=0, step=0.1, description="Adam lr"),
             "steps": w.IntSlider(value=self.steps, min=10, max=400, step=10, description="steps"),
+        }
+        # One checkbox per divergence, all visible: a click adds or removes one divergence (a multiple-selection
+        # list would replace the whole selection on a plain click and hide rows below its fold).
+        self.divergence_boxes = {
+            name: w.Checkbox(
+                value=name in self.divergences,
+                description=spec(name).label,
+                indent=False,
+                layout=w.Layout(width="7em"),
+            )
+            for name in DIVERGENCES
         }
         self.step_slider = w.IntSlider(
             value=self.step, min=0, max=self.steps, description="step", continuous_update=True
@@ -176,18 +212,45 @@ class Explorer:
         # An Image widget, not an Output widget: updating its bytes needs no captured display/clear_output, which
         # headless runners (nbclient) have to emulate and can stall on.
         self._image = w.Image(format="png")
-        for control in self.controls.values():
+        self._holding = False
+        for control in (*self.controls.values(), *self.divergence_boxes.values()):
             control.observe(self._on_choice, names="value")
         self.step_slider.observe(lambda change: self.show_step(change["new"]), names="value")
-        left = w.VBox([self.controls["teacher"], self.controls["divergences"]])
+        boxes = w.GridBox(
+            list(self.divergence_boxes.values()),
+            layout=w.Layout(grid_template_columns="repeat(4, 7em)", margin="0 0 0 1em"),
+        )
+        left = w.VBox([self.controls["teacher"], w.Label("divergences (each at its paper's defaults):"), boxes])
         right = w.VBox([self.controls["lr"], self.controls["steps"], self.step_slider])
         self._ui = w.VBox([w.HBox([left, right]), self._image], model_id=f"kdiv-explorer-{n}")
         self._refresh()
 
+    def select(self, divergences) -> None:
+        """Tick exactly ``divergences`` (registry names) in the widgets and fit once, as ticking them one by one
+        would end up doing."""
+        divergences = set(divergences)
+        unknown = sorted(divergences - set(DIVERGENCES))
+        if unknown:
+            raise ValueError(f"divergences must be registry names of {sorted(DIVERGENCES)}, got {unknown}")
+        _ = self.ui  # the widgets must exist
+        self._holding = True
+        try:
+            for name, box in self.divergence_boxes.items():
+                box.value = name in divergences
+        finally:
+            self._holding = False
+        self._on_choice(None)
+
+    def _chosen(self) -> tuple[str, ...]:
+        return tuple(name for name, box in self.divergence_boxes.items() if box.value)
+
     def _on_choice(self, _change) -> None:
+        if self._holding:
+            return
         chosen = {k: c.value for k, c in self.controls.items()}
+        chosen["divergences"] = self._chosen()
         if not chosen["divergences"]:
-            return  # an empty selection while the user is choosing: keep the last fit
+            return  # nothing ticked while the user is choosing: keep the last fit
         self.refit(**chosen)
         self.step_slider.max = self.steps
         self.step_slider.value = self.steps
