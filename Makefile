@@ -9,7 +9,7 @@ NOTEBOOKS := $(sort $(wildcard toy_examples/*.ipynb) $(wildcard notebooks/*.ipyn
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: install figures test unit nbval lint bench clean $(NOTEBOOKS:%=run-%)
+.PHONY: install figures lab test unit nbval lint bench clean $(NOTEBOOKS:%=run-%)
 
 install: $(STAMP)
 
@@ -22,16 +22,19 @@ $(STAMP): requirements.lock pyproject.toml
 # Execute every notebook in place (outputs stored, metadata scrubbed); the notebooks write figures/. Two notebooks
 # at a time: most of each one's time is the kernel's start and `import torch`, on one core.
 figures: $(STAMP)
-	@$(MAKE) --no-print-directory -j2 $(NOTEBOOKS:%=run-%)
+	@$(MAKE) --no-print-directory -j2 -o $(STAMP) $(NOTEBOOKS:%=run-%)
 	@echo "figures/ is up to date"
 
-# The stream-merging preprocessor named here runs after execution: a busy machine can split one print into several
-# stream outputs, and merging them keeps the stored bytes the same from run to run.
+# jupyter_config.py says what is stored (outputs, the python3 kernelspec, the language's name; no run-dependent
+# metadata), merges split streams, and has the kernels use encrypted transport.
 $(NOTEBOOKS:%=run-%): run-%: $(STAMP)
-	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --log-level=WARN \
-	  --ClearMetadataPreprocessor.enabled=True --ClearMetadataPreprocessor.preserve_nb_metadata_mask= \
-	  --NotebookExporter.preprocessors=nbconvert.preprocessors.CoalesceStreamsPreprocessor \
-	  --ExecutePreprocessor.timeout=600 $*
+	$(BIN)/jupyter nbconvert --config=$(CURDIR)/jupyter_config.py --to notebook --execute --inplace --log-level=WARN $*
+
+# JupyterLab on the collection, with the same settings as `make figures` (jupyter_config.py, and the hash and
+# backend settings above), so that running a notebook there and saving it leaves git clean. JUPYTER_ARGS passes
+# more options, e.g. JUPYTER_ARGS="--no-browser --port 8890".
+lab: $(STAMP)
+	$(BIN)/jupyter lab --config=$(CURDIR)/jupyter_config.py --ServerApp.root_dir=$(CURDIR) $(JUPYTER_ARGS)
 
 test: lint unit nbval
 
