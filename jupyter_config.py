@@ -9,6 +9,7 @@ Kernels are reached with CurveZMQ encryption (keys made by the kernel manager, w
 declares it supports): the kernel then has nothing to warn about ("Kernel is running over TCP without encryption").
 """
 
+from jupyter_server.services.contents.largefilemanager import AsyncLargeFileManager
 from nbconvert.preprocessors import ClearMetadataPreprocessor, Preprocessor
 
 c = get_config()  # noqa: F821 (defined by traitlets when it loads this file)
@@ -41,6 +42,16 @@ def scrub(model, **kwargs):
     model["content"] = nb
 
 
+class CollectionContents(AsyncLargeFileManager):
+    """JupyterLab's default contents manager, with :func:`scrub` registered as a pre-save hook. (Registered here,
+    not through the ``pre_save_hook`` setting: the server applies its configuration twice and would warn that the
+    hook overrides itself.)"""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.register_pre_save_hook(scrub)
+
+
 # ---- make figures: jupyter nbconvert --to notebook --execute --inplace
 c.ExecutePreprocessor.kernel_name = KERNELSPEC["name"]
 c.ExecutePreprocessor.timeout = 600
@@ -51,7 +62,7 @@ c.ClearMetadataPreprocessor.preserve_nb_metadata_mask = KEEP
 c.NotebookExporter.preprocessors = ["nbconvert.preprocessors.CoalesceStreamsPreprocessor", StoreKernelspec]
 
 # ---- make lab
-c.ContentsManager.pre_save_hook = scrub
+c.ServerApp.contents_manager_class = CollectionContents
 
 # ---- both
 c.KernelManager.transport_encryption = "auto"
