@@ -104,7 +104,8 @@ class DistillationLoss(nn.Module):
             reverse-KL-type terms ``q_v (log q_v + 87.34)`` (a steep, finite push towards ``q_v = 0``; exact reverse
             KL would be ``+inf``) and forward-KL-type terms nothing; where the *student* is padded, the teacher's
             mass on the missing ids adds ``p_v (log p_v + 87.34)`` to forward-KL-type terms: a constant the student
-            cannot reduce (the loss no longer reaches 0), with no gradient of its own.
+            cannot reduce (the loss no longer reaches 0) and without gradient, since a padded id's log-probability
+            is the constant -87.34; the student is pulled towards the teacher renormalised over the ids it has.
         **hyper: the divergence's hyper-parameters (``kdiv.hyperparameters(divergence)``), e.g. ``mu=0.5`` for AKL,
             ``beta=0.1`` for JS; validated against their ranges.
 
