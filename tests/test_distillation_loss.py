@@ -3,13 +3,12 @@ num_items_in_batch normalisation (micro-batches add up to the full batch), the v
 
 from __future__ import annotations
 
+import kdiv
 import numpy as np
 import pytest
 import reference
 import torch
 from scipy.special import log_softmax, softmax
-
-import kdiv
 
 NAMES = sorted(kdiv.DIVERGENCES)
 LOG_TINY = reference.LOG_ZERO_PROB  # log of float32 tiny: the probability a -inf logit stands for
@@ -101,7 +100,9 @@ def test_micro_batches_with_num_items_add_up_to_the_full_batch(name):
 
     n_items = (labels[:, 1:] != -100).sum()  # the whole batch's counted tokens, as transformers counts them
     micro_s = s.clone().requires_grad_(True)
-    parts = [loss_fn(micro_s[i : i + 2], t[i : i + 2], labels[i : i + 2], num_items_in_batch=n_items) for i in (0, 2, 4)]
+    parts = [
+        loss_fn(micro_s[i : i + 2], t[i : i + 2], labels[i : i + 2], num_items_in_batch=n_items) for i in (0, 2, 4)
+    ]
     total = sum(p.loss for p in parts)
     total.backward()
     np.testing.assert_allclose(total.item(), full.loss.item(), rtol=1e-12)

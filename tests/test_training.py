@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import copy
 
+import kdiv
 import pytest
 import torch
-
-import kdiv
 
 pytest.importorskip("transformers")
 import tiny_lm  # noqa: E402
@@ -120,8 +119,9 @@ def test_readme_vocabulary_mismatch():
     # --- end ---
     with pytest.raises(ValueError, match="vocab='slice'"):
         kdiv.DistillationLoss("forward_kl")(student_logits, teacher_logits, batch["labels"])
-    assert sliced(student_logits, teacher_logits, batch["labels"]).loss < padded(
-        student_logits, teacher_logits, batch["labels"]
-    ).loss
+    assert (
+        sliced(student_logits, teacher_logits, batch["labels"]).loss
+        < padded(student_logits, teacher_logits, batch["labels"]).loss
+    )
     # the student's ids the teacher lacks are pushed down
     assert (student.lm_head.weight.grad[97:] != 0).any()

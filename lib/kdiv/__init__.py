@@ -8,8 +8,8 @@ all, :mod:`kdiv.core.divergences`), optimal transport (:mod:`kdiv.core.transport
 
 from .core import headtail as headtail
 from .core import transport as transport
-from .core.divergences import *  # noqa: F403  (every registered divergence, and mask_from_labels)
 from .core.distillation_loss import DistillationLoss, DistillationLossOutput
+from .core.divergences import *  # noqa: F403  (every registered divergence, and mask_from_labels)
 from .core.divergences import __all__ as _divergence_names
 from .core.headtail import head_mask, head_tail_error, head_threshold
 from .core.registry import DIVERGENCES, SPECS, TOKEN_LEVEL, get, hyperparameters, spec

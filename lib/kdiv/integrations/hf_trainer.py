@@ -23,7 +23,7 @@ import torch
 
 from ..core.distillation_loss import DistillationLoss, DistillationLossOutput
 
-__all__ = ["DistillationTrainer", "distillation_loss_on_batch"]
+__all__ = ["DistillationTrainer", "distillation_loss_on_batch"]  # noqa: F822  (DistillationTrainer: see __getattr__)
 
 
 def distillation_loss_on_batch(

@@ -30,7 +30,7 @@ import torch
 
 from ..core.distillation_loss import DistillationLoss
 
-__all__ = ["GKDTrainer", "generalized_jsd_loss"]
+__all__ = ["GKDTrainer", "generalized_jsd_loss"]  # noqa: F822  (GKDTrainer: see __getattr__)
 
 _REDUCTIONS = ("batchmean", "sum")
 
