@@ -59,37 +59,20 @@ def check_against_hand_loop(history, reference, columns=3):
     assert history[-1][0] < history[0][0]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_hf_trainer_matches_a_hand_written_loop(arch, tmp_path):
+@pytest.mark.parametrize(
+    "arch, student_vocab, loss",
+    [
+        ("gpt2", tiny_lm.VOCAB, kdiv.DistillationLoss("akl", kd_ratio=0.5)),
+        # a student whose vocabulary is padded past the teacher's, T², mostly KD
+        ("llama", 104, kdiv.DistillationLoss("reverse_kl", kd_ratio=0.8, temperature=2.0, t_squared=True, vocab="pad")),
+    ],
+)
+def test_hf_trainer_matches_a_hand_written_loop(arch, student_vocab, loss, tmp_path):
     from kdiv.integrations.hf_trainer import DistillationTrainer
     from transformers import TrainingArguments
 
-    teacher, student = tiny_lm.teacher_and_student(arch)
+    teacher, student = tiny_lm.teacher_and_student(arch, student_vocab=student_vocab)
     data = tiny_lm.batch(8)  # one optimizer step = the whole batch, in two micro-batches of 4
-    reference = tiny_lm.hand_written_loop(
-        copy.deepcopy(student), teacher, data, kdiv.DistillationLoss("akl", kd_ratio=0.5), steps=STEPS, lr=LR
-    )
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        loss=kdiv.DistillationLoss("akl", kd_ratio=0.5),
-        args=trainer_args(TrainingArguments, tmp_path),
-        train_dataset=tiny_lm.Rows(data),
-        optimizers=(torch.optim.SGD(student.parameters(), lr=LR), None),
-    )
-    trainer.train()
-    check_against_hand_loop(logged(trainer, "loss", "kd", "ce"), reference)
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-
-
-def test_hf_trainer_with_a_padded_student_vocabulary(tmp_path):
-    from kdiv.integrations.hf_trainer import DistillationTrainer
-    from transformers import TrainingArguments
-
-    teacher, _ = tiny_lm.teacher_and_student()
-    student = tiny_lm.gpt2(1, vocab_size=104)
-    data = tiny_lm.batch(8)
-    loss = kdiv.DistillationLoss("reverse_kl", kd_ratio=0.8, temperature=2.0, t_squared=True, vocab="pad")
     reference = tiny_lm.hand_written_loop(copy.deepcopy(student), teacher, data, loss, steps=STEPS, lr=LR)
     trainer = DistillationTrainer(
         model=student,
@@ -101,6 +84,36 @@ def test_hf_trainer_with_a_padded_student_vocabulary(tmp_path):
     )
     trainer.train()
     check_against_hand_loop(logged(trainer, "loss", "kd", "ce"), reference)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_readme_trainer(tmp_path):
+    teacher, student = tiny_lm.teacher_and_student()
+    train_dataset = tiny_lm.Rows(tiny_lm.batch(8))
+    out_dir = str(tmp_path)
+    # --- snippet: Trainer ---
+    from kdiv.integrations.hf_trainer import DistillationTrainer
+    from transformers import TrainingArguments
+
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,  # frozen, run in eval mode under torch.no_grad()
+        loss=kdiv.DistillationLoss("akl", kd_ratio=0.5),
+        args=TrainingArguments(
+            output_dir=out_dir,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            max_steps=2,
+            logging_steps=1,
+            report_to=[],
+            use_cpu=True,
+        ),
+        train_dataset=train_dataset,  # rows of input_ids, attention_mask, labels
+    )
+    trainer.train()  # logs loss, kd and ce
+    # --- end ---
+    history = logged(trainer, "loss", "kd", "ce")
+    assert len(history) == 2 and all(0 < x < 20 for row in history for x in row)
 
 
 def test_hf_trainer_refuses_bad_arguments(tmp_path):
@@ -154,13 +167,57 @@ def test_trl_gkd_with_a_kdiv_divergence_matches_a_hand_written_loop(tmp_path):
     check_against_hand_loop(logged(trainer, "loss"), reference, columns=1)
 
 
-def test_trl_gkd_on_policy_runs_with_kdiv(tmp_path):
+def test_readme_trl(tmp_path):
+    import datasets
+
     teacher, student = tiny_lm.teacher_and_student()
     data = tiny_lm.batch(8)
-    trainer = gkd_trainer(tmp_path, teacher, student, data, loss=kdiv.DistillationLoss("tvd"), lmbda=1.0, max_steps=1)
-    trainer.train()  # every batch sampled from the student, scored by kdiv's TVD
-    (loss,) = logged(trainer, "loss")[-1]
-    assert 0 < loss < 1
+    train_dataset = datasets.Dataset.from_dict({k: v.tolist() for k, v in data.items()}).with_format("torch")
+    tokenizer, collator, out_dir = tiny_lm.word_level_tokenizer(), gkd_collate, str(tmp_path)
+    # --- snippet: TRL ---
+    from kdiv.integrations.trl import GKDTrainer
+    from trl.experimental.gkd import GKDConfig
+
+    trainer = GKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        loss=kdiv.DistillationLoss("tvd"),  # in place of TRL's generalized JSD
+        args=GKDConfig(
+            output_dir=out_dir,
+            lmbda=0.5,
+            max_new_tokens=4,
+            per_device_train_batch_size=4,
+            max_steps=2,
+            logging_steps=1,
+            report_to=[],
+            use_cpu=True,
+        ),
+        train_dataset=train_dataset,
+        data_collator=collator,  # TRL's default: its ChatML collator over "messages"
+        processing_class=tokenizer,
+    )
+    trainer.train()  # on-policy student samples (lmbda) and dataset batches, both scored by kdiv's TVD
+    # --- end ---
+    history = logged(trainer, "loss")
+    assert len(history) == 2 and all(0 < loss < 1 for (loss,) in history)
+
+
+def test_readme_trl_function():
+    from trl.experimental.gkd import GKDTrainer as TRLGKDTrainer
+
+    class MyGKDTrainer(TRLGKDTrainer):
+        pass
+
+    # --- snippet: TRL function ---
+    from kdiv.integrations.trl import generalized_jsd_loss
+
+    MyGKDTrainer.generalized_jsd_loss = staticmethod(generalized_jsd_loss("akl", mu=0.5))
+    # --- end ---
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[1, :3] = -100
+    want = kdiv.akl(s, t, mask=labels != -100, mu=0.5)
+    torch.testing.assert_close(MyGKDTrainer.generalized_jsd_loss(s, t, labels=labels), want)
 
 
 def test_trl_default_loss_is_trls_generalized_jsd(tmp_path):
