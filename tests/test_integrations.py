@@ -126,6 +126,8 @@ def test_hf_trainer_refuses_bad_arguments(tmp_path):
         DistillationTrainer(model=student, teacher_model=None, args=args)
     with pytest.raises(ValueError, match="loss must be a kdiv.DistillationLoss"):
         DistillationTrainer(model=student, teacher_model=teacher, loss=kdiv.akl, args=args)
+    with pytest.raises(ValueError, match="ignore_index must be -100"):
+        DistillationTrainer(model=student, teacher_model=teacher, loss=kdiv.DistillationLoss(ignore_index=0), args=args)
     with pytest.raises(ValueError, match="'labels'"):
         distillation_loss_on_batch(
             student, teacher, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, kdiv.DistillationLoss()

@@ -4,6 +4,7 @@ against the naive one (off), and the snippets of the README's "Using kdiv in tra
 from __future__ import annotations
 
 import copy
+import socket
 
 import kdiv
 import pytest
@@ -55,6 +56,27 @@ def test_gradient_accumulation_recipe_is_exact_and_the_naive_one_is_not(micro):
     print(f"micro-batches of {micro}: naive loss {loss_error:.1%} off, gradient {grad_error:.1%} off")
     # the per-token losses of random data are alike, so the loss is close; the gradient is not
     assert loss_error > 1e-4 and grad_error > 0.1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_data_parallel_recipe_on_two_gloo_ranks(tmp_path):
+    # Two spawned ranks (gloo on CPU), two rows each: with num_items_in_batch = the tokens of both ranks and the loss
+    # times the world size, DDP's averaged gradient is the full batch's; each rank's own mean is not. A rank that
+    # raises makes spawn raise here (and the 60 s process-group timeout bounds a rank left waiting).
+    import ddp_worker
+    import torch.multiprocessing as mp
+
+    mp.spawn(ddp_worker.run, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    want = ddp_worker.full_batch_gradient()
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"grad{rank}.pt")
+        torch.testing.assert_close(grads["num_items"], want, rtol=1e-5, atol=1e-7)
+        assert ((grads["naive"] - want).norm() / want.norm()).item() > 0.05
 
 
 # ---- the README's snippets, as written there -------------------------------------------------------------------

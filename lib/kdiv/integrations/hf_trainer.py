@@ -72,6 +72,9 @@ def _trainer_class():
             loss = DistillationLoss() if loss is None else loss
             if not isinstance(loss, DistillationLoss):
                 raise ValueError(f"loss must be a kdiv.DistillationLoss, got {type(loss).__name__}")
+            if loss.ignore_index != -100:
+                # the Trainer counts num_items_in_batch as labels != -100, whatever the loss ignores
+                raise ValueError(f"loss.ignore_index must be -100 with the Trainer, got {loss.ignore_index}")
             super().__init__(model=model, args=args, **kwargs)
             self.distillation_loss = loss
             teacher_model.requires_grad_(False)

@@ -18,7 +18,9 @@ the loss's own.
 ``num_items_in_batch`` is honoured as TRL does (sums over counted tokens divided by it). Without labels, kdiv
 averages over tokens, where TRL's ``"batchmean"`` divides by the batch size.
 
-TRL's ``GKDTrainer`` refuses a teacher whose vocabulary size differs from the student's before any loss runs.
+TRL's ``GKDTrainer`` refuses a teacher whose vocabulary size differs from the student's before any loss runs. With
+``lmbda > 0`` it takes ``num_items_in_batch`` from the dataset's labels, counted before on-policy samples replace
+them, for kdiv's loss as for its own.
 
 ``trl`` is imported when :class:`GKDTrainer` is first looked up, never by ``import kdiv``; it is in the ``train``
 extra (``pip install kdiv[train]``).
