@@ -54,10 +54,12 @@ def run(rank: int, world_size: int, port: int, out_dir: str):
         for recipe in ("num_items", "naive"):
             student.zero_grad()
             if recipe == "num_items":
-                # every rank's counted tokens; DDP averages the ranks' gradients, so each rank's share is scaled up
-                n_items = (labels[:, 1:] != -100).sum()
-                dist.all_reduce(n_items)
+                # --- snippet: data parallel ---
+                n_items = (labels[:, 1:] != -100).sum()  # this rank's counted tokens ...
+                dist.all_reduce(n_items)  # ... and then every rank's
+                # DDP averages the ranks' gradients: each rank's share of the global mean is scaled back up
                 loss = loss_fn(student(ids), teacher_logits, labels, num_items_in_batch=n_items).loss * world_size
+                # --- end ---
             else:  # each rank's own mean, averaged by DDP
                 loss = loss_fn(student(ids), teacher_logits, labels).loss
             loss.backward()
