@@ -70,12 +70,12 @@ def test_without_shift_takes_any_leading_shape():
 
 
 @pytest.mark.divergences("chosen", reason="the gradient of the mix; every divergence's own is tested elsewhere")
-@pytest.mark.parametrize("name", ["forward_kl", "js", "skew_reverse_kl"])
+@pytest.mark.parametrize("name", ["forward_kl", "skew_reverse_kl"])
 def test_gradcheck(name):
-    s, t, labels = batch(b=2, length=5, v=7, seed=6)
+    s, t, labels = batch(b=2, length=4, v=5, seed=6)
     loss_fn = kdiv.DistillationLoss(name, kd_ratio=0.4, temperature=1.3, t_squared=True)
     s.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x: loss_fn(x, t, labels, num_items_in_batch=11).loss, (s,))
+    assert torch.autograd.gradcheck(lambda x: loss_fn(x, t, labels, num_items_in_batch=7).loss, (s,))
     assert s.grad is None
 
 
