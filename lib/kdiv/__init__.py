@@ -8,6 +8,7 @@ all, :mod:`kdiv.core.divergences`), optimal transport (:mod:`kdiv.core.transport
 
 from .core import headtail as headtail
 from .core import transport as transport
+from .core.distillation_loss import DistillationLoss, DistillationLossOutput
 from .core.divergences import *  # noqa: F403  (every registered divergence, and mask_from_labels)
 from .core.divergences import __all__ as _divergence_names
 from .core.headtail import head_mask, head_tail_error, head_threshold
@@ -29,6 +30,8 @@ __version__ = "0.2.0"
 __all__ = [
     *_divergence_names,
     "DIVERGENCES",
+    "DistillationLoss",
+    "DistillationLossOutput",
     "DivergenceSpec",
     "Hyper",
     "SPECS",

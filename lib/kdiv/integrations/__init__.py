@@ -1,5 +1,10 @@
-"""Framework integrations: a ``transformers.Trainer`` and TRL trainers that take any kdiv divergence. Each is
-imported only when asked for (``import kdiv.integrations.<name>``) and needs the ``distill`` extra.
+"""Framework integrations, each imported only when asked for and needing the ``train`` extra
+(``pip install kdiv[train]``: transformers and TRL):
 
-Not built yet: this package is the room they will live in.
+- :mod:`kdiv.integrations.hf_trainer`: ``DistillationTrainer``, a ``transformers.Trainer`` that distils a teacher
+  into the student with a :class:`kdiv.DistillationLoss`; ``distillation_loss_on_batch`` for a ``compute_loss`` of
+  one's own.
+- :mod:`kdiv.integrations.trl`: TRL's GKD trainer with any kdiv divergence in place of ``generalized_jsd_loss``.
+
+Importing these modules does not import transformers or TRL: the trainer classes are built on first use.
 """
