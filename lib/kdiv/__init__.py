@@ -23,6 +23,7 @@ from .core.transport import (
     wasserstein_1d,
     wasserstein_1d_probs,
 )
+from .topk.teacher import TopK
 
 __version__ = "0.2.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "Hyper",
     "SPECS",
     "TOKEN_LEVEL",
+    "TopK",
     "get",
     "head_mask",
     "head_tail_error",
