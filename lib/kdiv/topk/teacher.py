@@ -136,7 +136,8 @@ def _describe(x):
 
 def topk_from_logits(teacher_logits: torch.Tensor, k: int, *, missing="tail", temperature=1.0) -> TopK:
     """The top-k teacher of dense teacher logits [..., V] at temperature T0: ids and log softmax(logits / T0)."""
-    logprobs = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    x = teacher_logits.detach()
+    logprobs = torch.log_softmax((x if x.dtype == torch.float64 else x.float()) / temperature, dim=-1)
     values, ids = logprobs.topk(k, dim=-1)
     return TopK(ids, values, missing=missing, temperature=temperature)
 
@@ -265,13 +266,15 @@ def _check_teacher(teacher: TopK, student: torch.Tensor, counted):
         )
 
 
-def _teacher_categories(teacher: TopK, temperature: float, dtype) -> torch.Tensor:
-    """[N, k + 1]: the k log-probabilities and log p_tail, re-tempered to `temperature` (unnormalised logits)."""
+def _teacher_categories(teacher: TopK, temperature: float, dtype, vocab: int) -> torch.Tensor:
+    """[N, k + 1]: the k log-probabilities and log p_tail, re-tempered to `temperature` (unnormalised logits).
+    p_tail = 1 - sum p carries the rounding of the log-probabilities, which re-tempering raises to the power
+    T0 / T (1e-7 becomes 3e-4 at T0 / T = 1/2): where k = V nothing is missing and the tail is exactly 0."""
     t = teacher.logprobs.reshape(-1, teacher.k).to(dtype).clamp_max(0)
     top = t.logsumexp(1, keepdim=True)
     # log(1 - exp(top)): -inf where rounding makes the k ids hold everything
     tail = torch.where(top < -math.log(2), torch.log1p(-top.exp()), torch.log(-torch.expm1(top)))
-    tail = torch.where(top >= 0, -math.inf, tail)
+    tail = torch.where(top >= 0, -math.inf, tail) if teacher.k < vocab else torch.full_like(top, -math.inf)
     cats = torch.cat([t, tail], dim=1)
     if temperature != teacher.temperature:
         cats = cats * (teacher.temperature / temperature)
@@ -327,7 +330,7 @@ def topk_divergence(kernel, student_logits, teacher_logits, *, temperature, mask
     ids = teacher.indices.reshape(-1, teacher.k).long()
     if counted is not None:
         ids = torch.where(counted.unsqueeze(1), ids, torch.arange(teacher.k, device=ids.device))
-    cats = _teacher_categories(teacher, temperature, dtype)
+    cats = _teacher_categories(teacher, temperature, dtype, vocab)
     missing = teacher.missing
     if missing == "tail" and teacher.k == vocab:
         missing = "renorm"  # nothing is missing: the k + 1-th category would only hold the teacher's rounding
