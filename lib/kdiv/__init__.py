@@ -23,7 +23,7 @@ from .core.transport import (
     wasserstein_1d,
     wasserstein_1d_probs,
 )
-from .topk.teacher import TopK
+from .topk.teacher import TopK, topk_from_logits
 
 __version__ = "0.2.0"
 
@@ -47,6 +47,7 @@ __all__ = [
     "sorted_wasserstein",
     "sorted_wasserstein_probs",
     "spec",
+    "topk_from_logits",
     "wasserstein_1d",
     "wasserstein_1d_probs",
 ]

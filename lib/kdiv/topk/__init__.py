@@ -3,6 +3,7 @@ engine), the treatments of the mass outside the k ids (:mod:`.teacher`), and an 
 over a tokenised dataset (:mod:`.store`).
 """
 
+from .store import TopKStore, TopKStoreWriter, sequence_hash
 from .teacher import TREATMENTS, TopK, topk_divergence, topk_from_logits
 
-__all__ = ["TREATMENTS", "TopK", "topk_divergence", "topk_from_logits"]
+__all__ = ["TREATMENTS", "TopK", "TopKStore", "TopKStoreWriter", "sequence_hash", "topk_divergence", "topk_from_logits"]
