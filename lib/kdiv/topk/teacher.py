@@ -48,12 +48,13 @@ student logits [..., V] with the same leading shape.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
 from ..core import kernels as K
 from ..core.checks import check_logits, check_mask, check_positive, check_reduction
-from ..core.engine.chunked import rowwise_divergence
+from ..core.engine.chunked import _workers, auto_chunk_rows, rowwise_divergence
 from ..core.headtail import head_threshold
 
 __all__ = ["TopK", "TREATMENTS", "topk_divergence", "topk_from_logits"]
@@ -65,9 +66,6 @@ TREATMENTS = ("tail", "renorm", "fkl_topk")
 # (fp16 storage of 512 log-probabilities moves their sum by well under 1e-2; raw logits sum far above 1).
 _LOGPROB_SLACK = 1e-3
 _MASS_SLACK = 1e-2
-
-# Elements per chunk of the student-side passes (gather, logsumexp, gradient): a few rows at LLM vocabularies.
-_CHUNK_ELEMENTS = 1 << 20
 
 
 class TopK:
@@ -148,10 +146,52 @@ def topk_from_logits(teacher_logits: torch.Tensor, k: int, *, missing="tail", te
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _chunks(n_rows, vocab):
-    step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(start + step, n_rows))
+def _run_blocks(n_rows, vocab, device, work):
+    """work(rows, buffers) for every block of rows (a slice); on CPU shared out to the engine's single-core worker
+    threads (see :mod:`kdiv.core.engine.chunked`: torch's own intra-op threads fork and join on every op of every
+    chunk, which costs many times the work when other processes share the cores). ``buffers``: a per-worker dict
+    that `work` keeps its chunk buffers in."""
+    step = auto_chunk_rows(n_rows, vocab)
+    blocks = [slice(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+    n_threads = min(torch.get_num_threads(), len(blocks))
+    pool = _workers() if n_threads > 1 and device.type == "cpu" else None
+    if pool is None:
+        buffers = {}
+        for rows in blocks:
+            work(rows, buffers)
+        return
+    queue, lock = iter(blocks), threading.Lock()
+
+    def worker():
+        with torch.no_grad():
+            buffers = {}
+            while True:
+                with lock:
+                    rows = next(queue, None)
+                if rows is None:
+                    return
+                work(rows, buffers)
+
+    for future in [pool.submit(worker) for _ in range(n_threads)]:
+        future.result()
+
+
+def _buffer(buffers, key, n, vocab, dtype, device):
+    """A [n, vocab] view of a per-worker buffer, allocated once per worker and call (a fresh chunk-sized tensor
+    per block would pay its page faults every time)."""
+    if key not in buffers:
+        buffers[key] = torch.empty(auto_chunk_rows(1 << 30, vocab), vocab, dtype=dtype, device=device)
+    return buffers[key][:n]
+
+
+def _scaled(student, rows, temperature, dtype, out):
+    """student[rows] / T in the compute dtype: a view where nothing needs converting, else written into `out`."""
+    z = student[rows]
+    if z.dtype == dtype and temperature == 1.0:
+        return z
+    if temperature == 1.0:
+        return out.copy_(z)
+    return torch.div(z, temperature, out=out) if z.dtype == dtype else out.copy_(z).div_(temperature)
 
 
 class _StudentCategories(torch.autograd.Function):
@@ -160,22 +200,42 @@ class _StudentCategories(torch.autograd.Function):
 
     Backward: :math:`\partial L/\partial z_v = (g_v [v\in S] + g_\text{last}\,\sigma_v) / T` with
     :math:`\sigma` the softmax of z / T over the complement of S ("rest") or the whole row ("full"). Rows not
-    counted are never read (they may hold anything) and get gradient 0."""
+    counted are never read into the result (they may hold anything) and get gradient 0. Chunk by chunk: nothing
+    of size [N, V] is allocated but the gradient."""
 
     @staticmethod
     def forward(ctx, student, ids, counted, temperature, last, dtype):
         n, vocab = student.shape
-        out = torch.zeros(n, ids.shape[1] + (last is not None), dtype=dtype, device=student.device)
-        lse = torch.full((n,), -math.inf, dtype=dtype, device=student.device)
-        for rows in _chunks(n, vocab):
-            z = student[rows].to(dtype) / temperature
-            keep = None if counted is None else counted[rows]
-            _check_student_rows(z, keep)
-            out[rows, : ids.shape[1]] = z.gather(1, ids[rows])
+        k = ids.shape[1]
+        device = student.device
+        out = torch.zeros(n, k + (last is not None), dtype=dtype, device=device)
+        lse = torch.full((n,), -math.inf, dtype=dtype, device=device)
+        top = torch.zeros(n, dtype=dtype, device=device)
+
+        def work(rows, buffers):
+            buf = _buffer(buffers, "z", rows.stop - rows.start, vocab, dtype, device)
+            z = _scaled(student, rows, temperature, dtype, buf)
+            z_ids = z.gather(1, ids[rows])
+            out[rows, :k] = z_ids
+            if last is None:
+                top[rows] = z.amax(1)
+                return
             if last == "rest":
-                lse[rows] = z.scatter_(1, ids[rows], -math.inf).logsumexp(1)
-            elif last == "full":
-                lse[rows] = z.logsumexp(1)
+                if z is not buf:
+                    buf.copy_(z)
+                z = buf.scatter_(1, ids[rows], -math.inf)
+            m = z.amax(1, keepdim=True)
+            total = torch.sub(z, m, out=buf).exp_().sum(1).log_().add_(m.squeeze(1))
+            lse[rows] = torch.where(m.squeeze(1) == -math.inf, -math.inf, total)
+            top[rows] = m.squeeze(1) if last == "full" else torch.maximum(m.squeeze(1), z_ids.amax(1))
+
+        _run_blocks(n, vocab, device, work)
+        # the row maxima tell NaN / +inf, or all -inf, in counted rows (a NaN row's maximum is NaN)
+        seen = top if counted is None else top[counted]
+        if bool((torch.isnan(seen) | (seen == math.inf)).any()):
+            raise ValueError("student_logits contains NaN or +inf")
+        if bool((seen == -math.inf).any()):
+            raise ValueError("student_logits has a counted token whose logits are all -inf")
         if last is not None:
             out[:, -1] = lse
         if counted is not None:
@@ -189,35 +249,34 @@ class _StudentCategories(torch.autograd.Function):
         student, ids, counted, lse = ctx.saved_tensors
         temperature, last, dtype = ctx.args
         n, vocab = student.shape
+        k = ids.shape[1]
+        device = student.device
         grad = torch.empty_like(student)
         g = g.to(dtype) / temperature
-        k = ids.shape[1]
-        for rows in _chunks(n, vocab):
+        # a row whose complement is empty or all -inf has lse = -inf and g_last = 0 (the engine's floored path)
+        lse_finite = torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(1)
+
+        def work(rows, buffers):
+            direct = grad.dtype == dtype
+            block = grad[rows] if direct else _buffer(buffers, "g", rows.stop - rows.start, vocab, dtype, device)
             if last is None:
-                block = torch.zeros(rows.stop - rows.start, vocab, dtype=dtype, device=student.device)
+                block.zero_()
             else:
-                # sigma_v g_last: exp(z/T - lse) is 0 where lse is -inf only if z is -inf too; a row whose
-                # complement is empty (k = V) or all -inf has g_last = 0 from the engine's floored path
-                z = student[rows].to(dtype) / temperature
-                finite = torch.isfinite(lse[rows]).unsqueeze(1)
-                block = torch.where(finite, (z - lse[rows].unsqueeze(1)).exp_(), 0.0).mul_(g[rows, k:])
+                # g_last * softmax over the complement (or the whole row): exp(z / T - lse) * g_last
+                z = _scaled(student, rows, temperature, dtype, block)
+                torch.sub(z, lse_finite[rows], out=block).exp_().mul_(g[rows, k:])
                 if last == "rest":
                     block.scatter_(1, ids[rows], 0.0)
             block.scatter_add_(1, ids[rows], g[rows, :k])
             if counted is not None:
-                block = torch.where(counted[rows].unsqueeze(1), block, 0.0)
-            grad[rows] = block
+                skip = ~counted[rows]
+                if bool(skip.any()):
+                    block.masked_fill_(skip.unsqueeze(1), 0.0)
+            if not direct:
+                grad[rows] = block
+
+        _run_blocks(n, vocab, device, work)
         return grad, None, None, None, None, None
-
-
-def _check_student_rows(z, keep):
-    m = z.amax(1)
-    if keep is not None:
-        m = m[keep]
-    if bool((torch.isnan(m) | (m == math.inf)).any()):
-        raise ValueError("student_logits contains NaN or +inf")
-    if bool((m == -math.inf).any()):
-        raise ValueError("student_logits has a counted token whose logits are all -inf")
 
 
 # ---------------------------------------------------------------------------------------------------------------
