@@ -6,7 +6,7 @@ the top-k teacher at each k (``kdiv.<name>(student, kdiv.TopK(ids, logprobs))``,
 log-probabilities as read from a store, ``missing="tail"``; for forward_kl also "renorm" and "fkl_topk"). The
 ratio of a case is the median over rounds of its time over the dense run of the same round.
 
-- time: one forward + backward into the student's ``.grad``, wall clock;
+- time: one forward + backward into the student's ``.grad``, wall clock and CPU time (all threads);
 - memory: extra peak resident memory of the first run beyond the inputs (the student's [N, V] gradient
   included: any implementation returns it), as a multiple of one fp32 [N, V] tensor;
 - teacher input: the bytes of the teacher as the loss receives it (dense fp32 logits, or 6 B per id);
@@ -70,9 +70,11 @@ def fwd_bwd(fn, student, teacher):
 
 
 def timed(fn, student, teacher):
-    start = time.perf_counter()
+    """(wall seconds, CPU seconds of the whole process, worker threads included) of one forward + backward. The
+    CPU time is the steadier number where other processes share the cores."""
+    start, cpu = time.perf_counter(), time.process_time()
     grad = fwd_bwd(fn, student, teacher)
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start, time.process_time() - cpu
     del grad
     return elapsed
 
@@ -115,24 +117,25 @@ def main():
                 ids, lp = tops[k]
                 cases[f"{name}/k={k}/{missing}"] = (fn, kdiv.TopK(ids, lp, missing), n * k * 6, name, k)
 
-    results = {c: {"times": [], "ratios": []} for c in cases}
+    results = {c: {"times": [], "ratios": [], "cpu": [], "cpu_ratios": []} for c in cases}
     for case, (fn, t, _, _, _) in cases.items():
         with PeakMemory() as m:
-            results[case]["times"].append(timed(fn, student, t))
+            timed(fn, student, t)
         results[case]["memory"] = m.extra
     for _ in range(args.repeats):
         for name in names:
-            dense_time = timed(cases[f"{name}/dense"][0], student, teacher)
-            results[f"{name}/dense"]["times"].append(dense_time)
-            results[f"{name}/dense"]["ratios"].append(1.0)
+            dense = timed(cases[f"{name}/dense"][0], student, teacher)
             for case, (fn, t, _, case_name, k) in cases.items():
-                if case_name != name or k is None:
+                if case_name != name:
                     continue
-                elapsed = timed(fn, student, t)
-                results[case]["times"].append(elapsed)
-                results[case]["ratios"].append(elapsed / dense_time)
+                elapsed = dense if k is None else timed(fn, student, t)
+                r = results[case]
+                r["times"].append(elapsed[0])
+                r["cpu"].append(elapsed[1])
+                r["ratios"].append(elapsed[0] / dense[0])
+                r["cpu_ratios"].append(elapsed[1] / dense[1])
 
-    # the teacher side alone: the divergence on [N, k + 1] categories, student categories given
+    # the teacher side alone: the divergence on [N, k + 1] categories, student categories given (CPU time)
     side = {}
     for name in names:
         for k in KS:
@@ -140,29 +143,33 @@ def main():
             t_small = torch.randn(n, k + 1, generator=g).mul_(LOGIT_STD)
             fn = kdiv.DIVERGENCES[name]
             timed(fn, s_small, t_small)
-            side[f"{name}/k={k}"] = statistics.median(timed(fn, s_small, t_small) for _ in range(max(args.repeats, 5)))
+            side[f"{name}/k={k}"] = statistics.median(timed(fn, s_small, t_small)[1] for _ in range(20))
 
     print(f"CPU: {cpu_name()} ({torch.get_num_threads()} threads), torch {torch.__version__}, N={n}, V={VOCAB}")
     print(f"one fp32 [N, V] tensor: {logits_bytes / 2**20:.0f} MiB\n")
     print(
-        f"{'case':32s} {'time s':>8s} {'x dense':>8s} {'extra mem':>10s} {'teacher in':>11s} {'teacher side ms':>16s}"
+        f"{'case':28s} {'wall s':>7s} {'x dense':>8s} {'CPU s':>7s} {'x dense':>8s} {'extra mem':>10s} "
+        f"{'teacher in':>11s} {'teacher side CPU ms':>20s}"
     )
     table = {}
     for case, (_, _, tbytes, name, k) in cases.items():
         r = results[case]
-        med = statistics.median(r["times"][1:]) if len(r["times"]) > 1 else r["times"][0]
-        ratio = statistics.median(r["ratios"]) if r["ratios"] else float("nan")
-        mem = r["memory"] / logits_bytes
-        side_ms = side.get(f"{name}/k={k}", float("nan")) * 1e3
-        table[case] = dict(
-            time_s=med,
-            ratio_to_dense=ratio,
-            extra_memory_x_logits=mem,
+        row = dict(
+            wall_s=statistics.median(r["times"]),
+            wall_ratio_to_dense=statistics.median(r["ratios"]),
+            cpu_s=statistics.median(r["cpu"]),
+            cpu_ratio_to_dense=statistics.median(r["cpu_ratios"]),
+            extra_memory_x_logits=r["memory"] / logits_bytes,
             teacher_input_bytes=tbytes,
-            teacher_side_s=None if k is None else side[f"{name}/k={k}"],
+            teacher_side_cpu_s=None if k is None else side[f"{name}/k={k}"],
         )
-        side_text = "" if k is None else f"{side_ms:16.2f}"
-        print(f"{case:32s} {med:8.3f} {ratio:8.2f} {mem:9.2f}x {tbytes / 2**20:9.2f}Mi {side_text}")
+        table[case] = row
+        side_text = "" if k is None else f"{row['teacher_side_cpu_s'] * 1e3:20.2f}"
+        print(
+            f"{case:28s} {row['wall_s']:7.3f} {row['wall_ratio_to_dense']:8.2f} {row['cpu_s']:7.3f} "
+            f"{row['cpu_ratio_to_dense']:8.2f} {row['extra_memory_x_logits']:9.2f}x {tbytes / 2**20:9.2f}Mi "
+            f"{side_text}"
+        )
     out = HERE / "results_topk_cpu.json"
     out.write_text(
         json.dumps(
