@@ -284,3 +284,18 @@ def test_rounding_above_zero_is_accepted():
     lp = torch.tensor([[1e-6, -20.0]])
     loss = kdiv.forward_kl(s, kdiv.TopK(torch.tensor([[1, 3]]), lp))
     assert math.isfinite(float(loss))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_k_equal_to_vocab_on_cuda(name):
+    s, t = random_logits((4, 6, 1000), seed=14)
+    s, t = s.cuda(), t.cuda()
+    a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    fn = kdiv.get(name)
+    dense = fn(a, t, temperature=1.5)
+    got = fn(b, topk_from_logits(t, 1000), temperature=1.5)
+    torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-6)
+    dense.backward()
+    got.backward()
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)

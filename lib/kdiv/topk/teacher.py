@@ -224,10 +224,12 @@ class _StudentCategories(torch.autograd.Function):
                 if z is not buf:
                     buf.copy_(z)
                 z = buf.scatter_(1, ids[rows], -math.inf)
-            m = z.amax(1, keepdim=True)
-            total = torch.sub(z, m, out=buf).exp_().sum(1).log_().add_(m.squeeze(1))
-            lse[rows] = torch.where(m.squeeze(1) == -math.inf, -math.inf, total)
-            top[rows] = m.squeeze(1) if last == "full" else torch.maximum(m.squeeze(1), z_ids.amax(1))
+            # logsumexp as the engine takes it: max(z) - log(max(softmax(z))), torch's fused softmax being one
+            # pass where z - max and its exp are two
+            m = z.amax(1)
+            e = torch.ops.aten._softmax.out(z, -1, False, out=_buffer(buffers, "e", z.shape[0], vocab, dtype, device))
+            lse[rows] = torch.where(m == -math.inf, -math.inf, m - e.amax(1).log_())
+            top[rows] = m if last == "full" else torch.maximum(m, z_ids.amax(1))
 
         _run_blocks(n, vocab, device, work)
         # the row maxima tell NaN / +inf, or all -inf, in counted rows (a NaN row's maximum is NaN)
@@ -254,19 +256,25 @@ class _StudentCategories(torch.autograd.Function):
         grad = torch.empty_like(student)
         g = g.to(dtype) / temperature
         # a row whose complement is empty or all -inf has lse = -inf and g_last = 0 (the engine's floored path)
-        lse_finite = torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(1)
+        empty = torch.isneginf(lse)
 
         def work(rows, buffers):
+            n_rows = rows.stop - rows.start
             direct = grad.dtype == dtype
-            block = grad[rows] if direct else _buffer(buffers, "g", rows.stop - rows.start, vocab, dtype, device)
+            block = grad[rows] if direct else _buffer(buffers, "g", n_rows, vocab, dtype, device)
             if last is None:
                 block.zero_()
             else:
-                # g_last * softmax over the complement (or the whole row): exp(z / T - lse) * g_last
-                z = _scaled(student, rows, temperature, dtype, block)
-                torch.sub(z, lse_finite[rows], out=block).exp_().mul_(g[rows, k:])
+                # g_last * the softmax over the complement (the ids at -inf) or over the whole row
+                buf = _buffer(buffers, "z", n_rows, vocab, dtype, device)
+                z = _scaled(student, rows, temperature, dtype, buf)
                 if last == "rest":
-                    block.scatter_(1, ids[rows], 0.0)
+                    if z is not buf:
+                        buf.copy_(z)
+                    z = buf.scatter_(1, ids[rows], -math.inf)
+                torch.ops.aten._softmax.out(z, -1, False, out=block).mul_(g[rows, k:])
+                if bool(empty[rows].any()):
+                    block.masked_fill_(empty[rows].unsqueeze(1), 0.0)  # softmax of an all -inf row is NaN
             block.scatter_add_(1, ids[rows], g[rows, :k])
             if counted is not None:
                 skip = ~counted[rows]
