@@ -24,6 +24,7 @@ from .core.transport import (
     wasserstein_1d,
     wasserstein_1d_probs,
 )
+from .topk.teacher import TopK, topk_from_logits
 
 __version__ = "0.2.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "Hyper",
     "SPECS",
     "TOKEN_LEVEL",
+    "TopK",
     "get",
     "head_mask",
     "head_tail_error",
@@ -48,6 +50,7 @@ __all__ = [
     "sorted_wasserstein",
     "sorted_wasserstein_probs",
     "spec",
+    "topk_from_logits",
     "wasserstein_1d",
     "wasserstein_1d_probs",
 ]

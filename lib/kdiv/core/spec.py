@@ -123,7 +123,8 @@ def divergence(*, kernel, label, color, marker, hyper=(), aliases=(), prob_gradi
             if unknown:
                 raise TypeError(f"{name}() got an unexpected keyword argument {unknown[0]!r}")
             checked = {k: h.check(values[k]) if k in values else h.default for k, h in by_name.items()}
-            return rowwise_divergence(
+            run = getattr(teacher_logits, "rowwise_divergence", rowwise_divergence)  # kdiv.TopK brings its own
+            return run(
                 kernel,
                 student_logits,
                 teacher_logits,
