@@ -23,6 +23,7 @@ from .core.transport import (
     wasserstein_1d,
     wasserstein_1d_probs,
 )
+from .fused import fused_linear
 
 __version__ = "0.2.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "Hyper",
     "SPECS",
     "TOKEN_LEVEL",
+    "fused_linear",
     "get",
     "head_mask",
     "head_tail_error",
