@@ -29,10 +29,10 @@ from ..core.registry import spec as _spec
 
 __all__ = ["fused_linear", "FUSED_CHUNK_ELEMENTS", "auto_fused_chunk_rows"]
 
-# Target size of one chunk's logits block, in elements (rows x vocab): 2**22 (16 MiB in float32) keeps the three
+# Target size of one chunk's logits block, in elements (rows x vocab): 2**23 (32 MiB in float32) keeps the three
 # live [n, V] blocks (student and teacher logits, the gradient) near 0.1x of one [N, V] logits tensor at the
 # benchmark's shapes while the [n, H] x [H, V] matmuls still run at nearly full speed (bench/fused.py, --chunks).
-FUSED_CHUNK_ELEMENTS = 1 << 22
+FUSED_CHUNK_ELEMENTS = 1 << 23
 
 
 def auto_fused_chunk_rows(n_rows: int, vocab: int) -> int:
@@ -252,7 +252,7 @@ def fused_linear(
     Shapes: ``student_hidden`` [..., H_s], ``student_weight`` [V, H_s] (as ``nn.Linear.weight``), ``student_bias``
     [V]; ``teacher_hidden`` [..., H_t] (same leading shape; H_t may differ from H_s), ``teacher_weight`` [V, H_t],
     ``teacher_bias`` [V]; ``mask`` [...]; returns [] or [...] with ``reduction="none"``. ``chunk_size``: rows per
-    chunk (default :func:`auto_fused_chunk_rows`, about 2**22 logits per chunk). ``**hyper``: the divergence's
+    chunk (default :func:`auto_fused_chunk_rows`, about 2**23 logits per chunk). ``**hyper``: the divergence's
     hyper-parameters, checked as ``kdiv.get`` checks them.
 
     Example::
