@@ -100,7 +100,7 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-def bench_shape(n, h, vocab, names, rounds, chunks, log):
+def bench_shape(n, h, vocab, names, rounds, chunks, log, liger=True):
     inputs = make_inputs(n, h, vocab)
     cases = {}
     liger_error = None
@@ -109,7 +109,7 @@ def bench_shape(n, h, vocab, names, rounds, chunks, log):
         for c in chunks or [None]:
             rows = None if c is None else max(1, c // vocab)  # chunk sizes are given in logits per chunk
             cases[f"fused/{name}" + (f"@{rows}" if c else "")] = fused_case(name, rows)
-        if name == "js":
+        if name == "js" and liger:
             run, liger_error = liger_case()
             if run is not None:
                 cases["liger/js"] = run
@@ -197,6 +197,7 @@ def main(argv=None):
     ap.add_argument(
         "--chunks", default=None, help="comma-separated fused chunk sizes, in logits per chunk (rows x V), to compare"
     )
+    ap.add_argument("--no-liger", action="store_true", help="leave Liger-Kernel out")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -215,7 +216,7 @@ def main(argv=None):
     shape_rows, raw, liger_error = {}, {}, None
     for n, h, vocab in shapes:
         log(f"{n} x {h} x {vocab}")
-        results, liger_error = bench_shape(n, h, vocab, names, rounds, chunks, log)
+        results, liger_error = bench_shape(n, h, vocab, names, rounds, chunks, log, liger=not args.no_liger)
         raw[f"{n}x{h}x{vocab}"] = results
         shape_rows[(n, h, vocab)] = summarise(results, n, h, vocab)
         gc.collect()
@@ -246,7 +247,8 @@ def main(argv=None):
                     f"{'met' if mem_ok else 'NOT met'}; time {r['time_vs_plain']:.2f} <= {TARGETS['time']} "
                     f"{'met' if time_ok else 'NOT met'} (CPU time {r['cpu_vs_plain']:.2f})"
                 )
-    suffix = ("_quick" if args.quick else "") + ("_partial" if args.shapes or args.threads else "")
+    suffix = ("_quick" if args.quick else "") + ("_noliger" if args.no_liger else "")
+    suffix += "_partial" if args.shapes or args.threads else ""
     out = HERE / f"results_fused_cpu{suffix}.json"
     summary = {f"{n}x{h}x{v}": rows for (n, h, v), rows in shape_rows.items()}
     out.write_text(json.dumps({"machine": info, "summary": summary, "raw": raw}, indent=1, sort_keys=True) + "\n")

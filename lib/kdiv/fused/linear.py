@@ -29,10 +29,12 @@ from ..core.registry import spec as _spec
 
 __all__ = ["fused_linear", "FUSED_CHUNK_ELEMENTS", "auto_fused_chunk_rows"]
 
-# Target size of one chunk's logits block, in elements (rows x vocab): 2**23 (32 MiB in float32) keeps the three
-# live [n, V] blocks (student and teacher logits, the gradient) near 0.1x of one [N, V] logits tensor at the
-# benchmark's shapes while the [n, H] x [H, V] matmuls still run at nearly full speed (bench/fused.py, --chunks).
-FUSED_CHUNK_ELEMENTS = 1 << 23
+# Target size of one chunk's logits block, in elements (rows x vocab): 3 * 2**21 (24 MiB in float32). Three such
+# blocks are live at a time (student and teacher logits, their gradient); measured with bench/fused.py --chunks on
+# a 2-core CPU, 2**22 kept the extra memory at 0.15x of one [N, V] logits tensor at N x V = 4096 x 32000 and
+# 1024 x 128256 but took 1.4-2x the plain path's time (the [n, H] x [H, V] matmuls slow down below ~200 rows),
+# 2**23 ran at 1.0-1.5x and took 0.26-0.30x; this lies between.
+FUSED_CHUNK_ELEMENTS = 3 << 21
 
 
 def auto_fused_chunk_rows(n_rows: int, vocab: int) -> int:
@@ -252,7 +254,7 @@ def fused_linear(
     Shapes: ``student_hidden`` [..., H_s], ``student_weight`` [V, H_s] (as ``nn.Linear.weight``), ``student_bias``
     [V]; ``teacher_hidden`` [..., H_t] (same leading shape; H_t may differ from H_s), ``teacher_weight`` [V, H_t],
     ``teacher_bias`` [V]; ``mask`` [...]; returns [] or [...] with ``reduction="none"``. ``chunk_size``: rows per
-    chunk (default :func:`auto_fused_chunk_rows`, about 2**23 logits per chunk). ``**hyper``: the divergence's
+    chunk (default :func:`auto_fused_chunk_rows`, about 6.3 million logits per chunk). ``**hyper``: the divergence's
     hyper-parameters, checked as ``kdiv.get`` checks them.
 
     Example::
