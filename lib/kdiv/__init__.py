@@ -24,6 +24,7 @@ from .core.transport import (
     wasserstein_1d,
     wasserstein_1d_probs,
 )
+from .fused import fused_linear
 from .topk.teacher import TopK, topk_from_logits
 
 __version__ = "0.2.0"
@@ -38,6 +39,7 @@ __all__ = [
     "SPECS",
     "TOKEN_LEVEL",
     "TopK",
+    "fused_linear",
     "get",
     "head_mask",
     "head_tail_error",

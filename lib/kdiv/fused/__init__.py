@@ -1,5 +1,4 @@
 """The fused hidden-state path: divergences computed from the student's (and teacher's) last hidden states and
-LM-head weights chunk by chunk, never materialising the [tokens, vocab] logits.
+LM-head weights chunk by chunk, never materialising the [tokens, vocab] logits (:func:`kdiv.fused_linear`)."""
 
-Not built yet: this package is the room it will live in.
-"""
+from .linear import fused_linear as fused_linear
