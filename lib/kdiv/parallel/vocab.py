@@ -28,7 +28,7 @@ from ..core.spec import SPECS
 from .head import head_threshold_sharded
 from .terms import TERMS, Rows
 
-__all__ = ["vocab_parallel", "Stats"]
+__all__ = ["vocab_parallel", "head_mask", "Stats"]
 
 _NAMES = list(TERMS)
 _DTYPES = (torch.float32, torch.float64)
@@ -303,3 +303,39 @@ def vocab_parallel(
         student, teacher, counted, name, hyper, temperature, dtype, chunk_rows, reduction, group, vocab
     )
     return out.reshape(batch_shape) if reduction == "none" else out
+
+
+def head_mask(teacher_logits, mu=0.5, *, group, temperature=1.0):
+    """AKL's head (:func:`kdiv.head_mask` of the full rows' teacher probabilities) on this rank's shard.
+
+    Shapes: teacher_logits [..., V_rank] (this rank's shard) -> bool [..., V_rank]. Every rank of ``group`` must
+    make the call; rows of all -inf, NaN or +inf raise ValueError on every rank.
+    """
+    _check_group(group)
+    device = _collective_device(group, teacher_logits)
+    error = None
+    try:
+        check_logits(teacher_logits, teacher_logits)
+        mu = SPECS["akl"].check_hyper({"mu": mu})["mu"]
+        temperature = check_positive("temperature", temperature)
+        dtype = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
+        n_rows = math.prod(teacher_logits.shape[:-1])
+        agree = [_NAMES.index("akl"), mu, temperature, 0, n_rows, teacher_logits.dim() - 1, n_rows, 0.0]
+        agree += [_DTYPES.index(dtype), -1]
+    except ValueError as e:
+        error, agree = e, [0.0] * len(_FIELDS)
+    Stats.reset()
+    shards = _agree(group, device, agree, teacher_logits.shape[-1] if error is None else 0, error)
+    z = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).to(dtype) / temperature
+    m = z.amax(-1)
+    m = torch.where(torch.isnan(m), math.inf, m)
+    _all_reduce(m, dist.ReduceOp.MAX, group)
+    error = _rows_error(torch.stack([torch.zeros_like(m), m]))
+    if error is not None:
+        raise error
+    lse = m + _all_reduce((z - m.unsqueeze(-1)).exp_().sum(-1), dist.ReduceOp.SUM, group).log_()
+    lt = _log_probs(z, lse)
+    top = _log_probs(m.unsqueeze(-1), lse).squeeze(-1)
+    tau, rounds = head_threshold_sharded(lt, lt.exp(), mu, sum(shards), top, group)
+    Stats.head_rounds += rounds
+    return (lt >= tau.unsqueeze(-1)).reshape(teacher_logits.shape)
