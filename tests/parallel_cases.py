@@ -68,9 +68,10 @@ def _one(fn, s, t, lo, hi, group, grad_out_seed=None, **kw):
     return got.detach(), shard.grad, want.detach(), full.grad[..., lo:hi]
 
 
-def divergences(rank, world, sizes, group_ranks):
+def divergences(rank, world, sizes, group_ranks, chunk_size=None):
     """Every divergence and hyper-parameter example, in float64 (masks, temperature, -inf, every reduction, chunks
-    of two rows), float32 and bf16, on the group of `group_ranks` with these shard sizes. Returns the failures."""
+    of `chunk_size` rows), float32 and bf16, on the group of `group_ranks` (None: every rank) with these shard
+    sizes. Returns the failures. Collectives cost milliseconds each on a busy machine: few chunks."""
     group = dist.group.WORLD if group_ranks is None else dist.new_group(group_ranks)
     if group_ranks is not None and rank not in group_ranks:
         return []
@@ -90,7 +91,7 @@ def divergences(rank, world, sizes, group_ranks):
         reduction = REDUCTIONS[i % 3]
         tag = f"{name}{hyper} group {group_ranks} sizes {sizes}"
         kw = dict(temperature=1.7, mask=mask, reduction=reduction)
-        got, grad, want, want_grad = _one(fn, s64, t64, lo, hi, group, grad_out_seed=i, chunk_size=2, **kw)
+        got, grad, want, want_grad = _one(fn, s64, t64, lo, hi, group, grad_out_seed=i, chunk_size=chunk_size, **kw)
         _close(f"{tag} float64 {reduction} value", got, want, 1e-10, 1e-12, failures)
         _close(f"{tag} float64 {reduction} gradient", grad, want_grad, 1e-9, 1e-12, failures)
         # the float64 reference of the full rows, written independently of kdiv
@@ -171,11 +172,12 @@ def bad_inputs(rank, world):
     all_inf = t.clone()
     all_inf[1] = -math.inf
     last = rank == world - 1
+    mask = torch.tensor([True, rank == 0, rank != 0, True])  # as many counted rows on every rank, not the same
     scenarios = {
         "temperature on the last rank": lambda g: kdiv.js(s, t, temperature=-1.0 if last else 1.0, vocab_group=g),
         "hyper-parameter on rank 0": lambda g: kdiv.js(s, t, beta=2.0 if rank == 0 else 0.5, vocab_group=g),
         "unknown keyword on rank 0": lambda g: kdiv.tvd(s, t, vocab_group=g, **({"gamma": 1.0} if rank == 0 else {})),
-        "mask differs": lambda g: kdiv.forward_kl(s, t, mask=torch.tensor([True, rank == 0, rank != 0, True]), vocab_group=g),
+        "mask differs": lambda g: kdiv.forward_kl(s, t, mask=mask, vocab_group=g),
         "divergence differs": lambda g: (kdiv.forward_kl if rank == 0 else kdiv.reverse_kl)(s, t, vocab_group=g),
         "shape on rank 0": lambda g: kdiv.akl(s[:3] if rank == 0 else s, t, vocab_group=g),
         "NaN on the last rank": lambda g: kdiv.akl(nan, t, vocab_group=g),

@@ -19,13 +19,20 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 def _all(rank, world):
     """Everything one 3-rank group checks: every divergence on the 3 ranks and on a group of 2 of them, AKL's head
     on 3 ranks, the bad inputs; then the last rank leaves and the others' next call must fail."""
-    out = {
-        "three": parallel_cases.divergences(rank, world, [13, 40, 7], None),
-        "two": parallel_cases.divergences(rank, world, [29, 34], [0, 2]),
-        "heads": parallel_cases.heads(rank, world, [170, 37, 293]),
-        "bad": parallel_cases.bad_inputs(rank, world),
-    }
-    out["leave"] = parallel_cases.leave(rank, world)
+    import time
+
+    out, times = {}, {}
+    for part, run in [
+        ("three", lambda: parallel_cases.divergences(rank, world, [13, 40, 7], None)),
+        ("two", lambda: parallel_cases.divergences(rank, world, [29, 34], [0, 2], chunk_size=4)),
+        ("heads", lambda: parallel_cases.heads(rank, world, [170, 37, 293])),
+        ("bad", lambda: parallel_cases.bad_inputs(rank, world)),
+        ("leave", lambda: parallel_cases.leave(rank, world)),
+    ]:
+        start = time.perf_counter()
+        out[part] = run()
+        times[part] = time.perf_counter() - start
+    out["times"] = times
     return out
 
 

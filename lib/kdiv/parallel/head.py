@@ -40,15 +40,41 @@ BUCKETS = 16
 _MAX_ROUNDS = 400
 
 
-def head_threshold_sharded(lt, p, mu, vocab_size, top, group):
+def _compact(values, probs, keep):
+    """The kept entries of each row, moved to the front: (values [n, w] padded with -inf, probs [n, w] float64
+    padded with 0), w the largest count of a row. Padding lies below every range, so no bucket counts it."""
+    counts = keep.sum(-1)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    if width * 4 > values.shape[1] * 3:  # hardly smaller: mask in place instead
+        return values.masked_fill(~keep, -math.inf), probs.to(torch.float64, copy=True).masked_fill_(~keep, 0.0)
+    row, col = keep.nonzero(as_tuple=True)
+    pos = torch.arange(row.numel(), device=values.device) - (counts.cumsum(0) - counts)[row]
+    out_v = torch.full((values.shape[0], width), -math.inf, dtype=values.dtype, device=values.device)
+    out_p = torch.zeros((values.shape[0], width), dtype=torch.float64, device=values.device)
+    out_v[row, pos] = values[row, col]
+    out_p[row, pos] = probs[row, col].double()
+    return out_v, out_p
+
+
+def head_threshold_sharded(lt, p, mu, vocab_size, top, group, all_reduce=None):
     """The head threshold on log-probabilities of the full rows, per row: the head is ``lt >= tau``.
 
     lt [n, V_rank]: the teacher's log-probabilities (of the full rows) on this rank's shard, p = exp(lt);
     vocab_size: the full vocabulary size; top [n]: the largest log-probability of each full row (the same value on
-    every rank); group: the process group. Returns (tau [n], rounds).
+    every rank); group: the process group; all_reduce(x, op, group): the collective (default
+    torch.distributed.all_reduce). Returns (tau [n], rounds).
+
+    Only the tokens in a row's range take part in a round: they are moved to the front of a smaller tensor before the
+    first round and whenever the ranges have shrunk (a local step: the collectives' sizes depend on the number of
+    rows still searched only, which every rank knows alike).
     """
     n = lt.shape[0]
     dtype, device = lt.dtype, lt.device
+    if all_reduce is None:
+
+        def all_reduce(x, op, group):
+            dist.all_reduce(x, op=op, group=group)
+
     # The tokens below (1 - mu) / (e V) hold less than (1 - mu) / e of the mass, so S there exceeds mu by a margin
     # far above rounding, and w is at or above it.
     a = torch.minimum(torch.full_like(top, math.log((1 - mu) / vocab_size) - 1.0), top)
@@ -58,16 +84,22 @@ def head_threshold_sharded(lt, p, mu, vocab_size, top, group):
     done = torch.zeros(n, dtype=torch.bool, device=device)
     steps = torch.arange(BUCKETS, device=device, dtype=dtype) / BUCKETS
     index = torch.arange(BUCKETS, device=device)
-    p64 = p.double()
+    vals, probs = _compact(lt, p, lt >= a.unsqueeze(-1))
+    rows = torch.arange(n, device=device)  # the row of the full chunk that each row of vals holds
     rounds = 0
     while True:
         rounds += 1
         if rounds > _MAX_ROUNDS:  # the same on every rank
             raise RuntimeError("kdiv.parallel: the AKL head search did not settle (please report this)")
         live = (~done).nonzero().squeeze(1)
-        all_live = live.numel() == n
-        rl = lt if all_live else lt.index_select(0, live)
-        rp = p64 if all_live else p64.index_select(0, live)
+        if rounds > 1:
+            # drop the settled rows, and the tokens outside the ranges of the others
+            at = torch.searchsorted(rows, live)
+            rv, rp = vals[at], probs[at]
+            keep = (rv >= a[live].unsqueeze(-1)) & (rv <= b[live].unsqueeze(-1))
+            vals, probs = _compact(rv, rp, keep)
+            rows = live
+        rl, rp = vals, probs
         la, lb = a[live], b[live]
         # bucket lower edges a + (b - a) k / K, kept above a, so that the range always splits
         edges = la.unsqueeze(-1) + (lb - la).unsqueeze(-1) * steps
@@ -84,8 +116,8 @@ def head_threshold_sharded(lt, p, mu, vocab_size, top, group):
         extremes[:, 1].scatter_reduce_(1, bucket, rl.neg(), "amax")
         mass = torch.cat([mass[:, :BUCKETS], mass[:, BUCKETS + 1 :]], 1).contiguous()
         extremes = extremes[:, :, :BUCKETS].contiguous()
-        dist.all_reduce(mass, op=dist.ReduceOp.SUM, group=group)
-        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+        all_reduce(mass, dist.ReduceOp.SUM, group)
+        all_reduce(extremes, dist.ReduceOp.MAX, group)
         bmax, bmin = extremes[:, 0], extremes[:, 1].neg()
         la_above = above[live]
         # S at each bucket's smallest value: the mass above b and of every bucket from it up

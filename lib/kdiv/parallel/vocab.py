@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.checks import REDUCTIONS, check_logits, check_mask, check_positive, check_positive_int, check_reduction
-from ..core.engine.chunked import CHUNK_ELEMENTS, LOG_FLOOR
+from ..core.engine.chunked import LOG_FLOOR
 from ..core.spec import SPECS
 from .head import head_threshold_sharded
 from .terms import TERMS, Rows
@@ -31,6 +31,10 @@ from .terms import TERMS, Rows
 __all__ = ["vocab_parallel", "head_mask", "Stats"]
 
 _NAMES = list(TERMS)
+# Logits of the largest shard per chunk: four times the single-process engine's chunk, since every chunk costs three
+# collectives (tens of microseconds each on an idle machine, milliseconds on a busy one); the chunk's temporaries
+# (about ten of its size) stay a small fraction of the shard's gradient at LLM sizes.
+CHUNK_ELEMENTS = 1 << 20
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -176,7 +180,9 @@ def _pass(name, student, teacher, counted, hyper, temperature, dtype, chunk_rows
     loss = torch.zeros(n_rows, dtype=dtype, device=student.device)
     grad = None
     if want_grad:
-        grad = torch.zeros(student.shape, dtype=student.dtype, device=student.device)
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        if rows is not None:
+            grad.index_fill_(0, (~counted).nonzero().squeeze(1), 0)
     n_work = n_rows if rows is None else rows.numel()
     term = TERMS[name]
     for start in range(0, n_work, chunk_rows):
@@ -190,33 +196,38 @@ def _pass(name, student, teacher, counted, hyper, temperature, dtype, chunk_rows
         error = _rows_error(m)
         if error is not None:
             raise error
-        sums = torch.stack([(zs - m[0].unsqueeze(-1)).exp_().sum(-1), (zt - m[1].unsqueeze(-1)).exp_().sum(-1)])
-        _all_reduce(sums, dist.ReduceOp.SUM, group)
-        lse = m + sums.log_()
+        es, et = torch.sub(zs, m[0].unsqueeze(-1)).exp_(), torch.sub(zt, m[1].unsqueeze(-1)).exp_()
+        sums = _all_reduce(torch.stack([es.sum(-1), et.sum(-1)]), dist.ReduceOp.SUM, group)
+        lse = m + sums.log()
+        # the probabilities from the exponentials already taken (a -inf logit gets 0 here, not float32 tiny: every
+        # term below weighs by them, where the difference is below 1e-36)
+        q, p = es.mul_(sums[0].reciprocal().unsqueeze(-1)), et.mul_(sums[1].reciprocal().unsqueeze(-1))
         ls, lt = _log_probs(zs, lse[0]), _log_probs(zt, lse[1])
-        q, p = ls.exp(), lt.exp()
         # the teacher's largest log-probability, computed as its rank computes that token's
         top = _log_probs(m[1].unsqueeze(-1), lse[1]).squeeze(-1)
 
         def head(mu, lt=lt, p=p, top=top):
-            tau, rounds = head_threshold_sharded(lt, p, mu, vocab, top, group)
+            tau, rounds = head_threshold_sharded(lt, p, mu, vocab, top, group, _all_reduce)
             Stats.head_rounds += rounds
             return tau
 
         terms = term(Rows(ls, lt, q, p, head), **hyper)
-        finite = ~torch.isneginf(zs)
-        h_sums = [(h * finite).sum(-1) for h in terms.h]
+        floored = torch.isneginf(zs)
+        finite = None if not bool(floored.any()) else floored.logical_not_()
+        h_sums = [(h.sum(-1) if finite is None else (h * finite).sum(-1)) for h in terms.h]
         totals = _all_reduce(torch.stack([*terms.partials, *h_sums]), dist.ReduceOp.SUM, group)
         k = len(terms.partials)
         row_loss, weights = terms.combine(totals[:k])
         loss[block] = row_loss
         if want_grad:
-            h = sum(w * x for w, x in zip(weights, terms.h, strict=True))
+            h = terms.h[0] if weights == [1.0] else sum(w * x for w, x in zip(weights, terms.h, strict=True))
             h_sum = sum(
                 (w.squeeze(-1) if isinstance(w, torch.Tensor) else w) * s
                 for w, s in zip(weights, totals[k:], strict=True)
             )
-            g = torch.addcmul(h, q, h_sum.unsqueeze(-1), value=-1.0).mul_(finite).mul_(scale)
+            g = torch.addcmul(h, q, h_sum.unsqueeze(-1), value=-1.0).mul_(scale)
+            if finite is not None:
+                g.mul_(finite)
             grad[block] = g.to(grad.dtype)
     return loss, grad
 
@@ -336,6 +347,6 @@ def head_mask(teacher_logits, mu=0.5, *, group, temperature=1.0):
     lse = m + _all_reduce((z - m.unsqueeze(-1)).exp_().sum(-1), dist.ReduceOp.SUM, group).log_()
     lt = _log_probs(z, lse)
     top = _log_probs(m.unsqueeze(-1), lse).squeeze(-1)
-    tau, rounds = head_threshold_sharded(lt, lt.exp(), mu, sum(shards), top, group)
+    tau, rounds = head_threshold_sharded(lt, lt.exp(), mu, sum(shards), top, group, _all_reduce)
     Stats.head_rounds += rounds
     return (lt >= tau.unsqueeze(-1)).reshape(teacher_logits.shape)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 import queue as queue_module
 import socket
+import sys
 import time
 import traceback
 
