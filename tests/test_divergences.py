@@ -544,7 +544,7 @@ def test_hyperparameters_and_signature(name):
     assert kdiv.hyperparameters(name) == {h.name: h.default for h in spec.hyper}
     params = inspect.signature(kdiv.DIVERGENCES[name]).parameters
     assert list(params)[:2] == ["student_logits", "teacher_logits"]
-    common = {"temperature": 1.0, "mask": None, "reduction": "mean", "chunk_size": None}
+    common = {"temperature": 1.0, "mask": None, "reduction": "mean", "chunk_size": None, "vocab_group": None}
     keyword_only = {k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
     assert keyword_only == {**kdiv.hyperparameters(name), **common}
     assert kdiv.DIVERGENCES[name].__doc__

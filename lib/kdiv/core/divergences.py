@@ -14,6 +14,9 @@ Every function has one signature::
   ``[...]``, 0 where masked). The result is fp32 (float64 for float64 inputs).
 - Gradients reach the student only; the teacher is treated as a constant.
 - ``chunk_size``: rows per chunk (default: chosen from the vocabulary size); see :mod:`kdiv.core.engine.chunked`.
+- ``vocab_group``: a ``torch.distributed`` process group over which the vocabulary is sharded (tensor parallelism):
+  the logits are then this rank's shard ``[..., V_rank]`` and the result is the divergence of the full rows; see
+  :mod:`kdiv.parallel`. Added to every signature by the decorator.
 
 A ``-inf`` logit is a token outside that model's vocabulary. Its log-probability is taken as
 ``log(float32 tiny) = -87.34`` (``LOG_FLOOR`` of :mod:`kdiv.core.engine.chunked`) so that a token masked by one

@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 from .checks import _as_float
 from .engine.chunked import rowwise_divergence
 
-__all__ = ["Hyper", "DivergenceSpec", "divergence", "SPECS", "COMMON_ARGUMENTS"]
+__all__ = ["Hyper", "DivergenceSpec", "divergence", "SPECS", "COMMON_ARGUMENTS", "ADDED_ARGUMENTS"]
 
 # Keyword arguments every token-level divergence takes besides its hyper-parameters.
-COMMON_ARGUMENTS = {"temperature": 1.0, "mask": None, "reduction": "mean", "chunk_size": None}
+COMMON_ARGUMENTS = {"temperature": 1.0, "mask": None, "reduction": "mean", "chunk_size": None, "vocab_group": None}
+# Those of them that the decorator adds to the public signature when a template does not spell them out:
+# ``vocab_group`` (a torch.distributed process group) runs the divergence on vocabulary shards (kdiv.parallel).
+ADDED_ARGUMENTS = {"vocab_group": None}
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,8 @@ SPECS: dict[str, DivergenceSpec] = {}
 def divergence(*, kernel, label, color, marker, hyper=(), aliases=(), prob_gradient=None, reference=""):
     """Register a token-level divergence: decorates a function whose signature and docstring are the public ones
     and whose body is never run. The decorated function validates its arguments (hyper-parameters against their
-    ranges) and runs ``kernel`` chunk by chunk through :func:`kdiv.core.engine.chunked.rowwise_divergence`.
+    ranges) and runs ``kernel`` chunk by chunk through :func:`kdiv.core.engine.chunked.rowwise_divergence`; with
+    ``vocab_group=`` (a process group) it runs :func:`kdiv.parallel.vocab_parallel` on this rank's vocabulary shard.
     """
 
     def wrap(template):
@@ -107,8 +111,9 @@ def divergence(*, kernel, label, color, marker, hyper=(), aliases=(), prob_gradi
             raise ValueError(f"divergence {name!r} is registered twice")
         signature = inspect.signature(template)
         keywords = {k: p.default for k, p in signature.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        added = {k: v for k, v in ADDED_ARGUMENTS.items() if k not in keywords}
         declared = {h.name: h.default for h in hyper}
-        if keywords != {**declared, **COMMON_ARGUMENTS}:
+        if {**keywords, **added} != {**declared, **COMMON_ARGUMENTS}:
             raise ValueError(
                 f"{name}'s keyword arguments {keywords} do not match its hyper-parameters {declared} "
                 f"and the common arguments {COMMON_ARGUMENTS}"
@@ -117,8 +122,31 @@ def divergence(*, kernel, label, color, marker, hyper=(), aliases=(), prob_gradi
 
         @functools.wraps(template)
         def fn(
-            student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", chunk_size=None, **values
+            student_logits,
+            teacher_logits,
+            *,
+            temperature=1.0,
+            mask=None,
+            reduction="mean",
+            chunk_size=None,
+            vocab_group=None,
+            **values,
         ):
+            if vocab_group is not None:
+                # every argument is checked there, on every rank at once: a bad one on one rank raises on all
+                from ..parallel.vocab import vocab_parallel
+
+                return vocab_parallel(
+                    name,
+                    student_logits,
+                    teacher_logits,
+                    group=vocab_group,
+                    temperature=temperature,
+                    mask=mask,
+                    reduction=reduction,
+                    chunk_size=chunk_size,
+                    **values,
+                )
             unknown = sorted(set(values) - set(by_name))
             if unknown:
                 raise TypeError(f"{name}() got an unexpected keyword argument {unknown[0]!r}")
@@ -135,6 +163,9 @@ def divergence(*, kernel, label, color, marker, hyper=(), aliases=(), prob_gradi
                 hyper=checked,
             )
 
+        if added:
+            extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in added.items()]
+            fn.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
         fn.spec = SPECS[name] = DivergenceSpec(
             name=name,
             fn=fn,
