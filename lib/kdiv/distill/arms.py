@@ -44,7 +44,10 @@ class SyntheticArm:
         train_path = cache / "train.jsonl"
         _write_jsonl(
             train_path,
-            ({"instruction": self.lang.render(s[:lp]), "context": "", "response": self.lang.render(s[lp:])} for s in seqs),
+            (
+                {"instruction": self.lang.render(s[:lp]), "context": "", "response": self.lang.render(s[lp:])}
+                for s in seqs
+            ),
         )
         self.train = encode_records(
             read_jsonl(train_path), self.tokenizer, template="plain", max_prompt_length=lp, max_length=lp + lr

@@ -159,7 +159,11 @@ class DistillConfig:
     @classmethod
     def from_dict(cls, d: dict) -> DistillConfig:
         d = dict(d)
-        d["teacher"], d["student"], d["hmm"] = ModelSpec(**d["teacher"]), ModelSpec(**d["student"]), HMMConfig(**d["hmm"])
+        d["teacher"], d["student"], d["hmm"] = (
+            ModelSpec(**d["teacher"]),
+            ModelSpec(**d["student"]),
+            HMMConfig(**d["hmm"]),
+        )
         names = {f.name for f in fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 

@@ -138,7 +138,13 @@ def evaluate_model(arm, logprob_fn, truth_fn, sample_fn, greedy_fn) -> tuple[dic
             score = rouge_l(text, e.references)
             scores[decoding].append(score)
             samples.append(
-                {"prompt": e.prompt, "references": e.references, "generation": text, "decoding": decoding, "rougeL": score}
+                {
+                    "prompt": e.prompt,
+                    "references": e.references,
+                    "generation": text,
+                    "decoding": decoding,
+                    "rougeL": score,
+                }
             )
     data_pairs = [(e.prompt_ids, r) for r, e in _reference_pairs(arm)]
     data = _pooled(logprob_fn, truth_fn, data_pairs, arm.pad_id)

@@ -44,7 +44,8 @@ def pseudo_words(n: int, seed: int = 0) -> list[str]:
     while len(words) < n:
         k = int(rng.integers(2, 4))
         syl = [
-            _CONSONANTS[rng.integers(len(_CONSONANTS))] + (_VOWELS if i < k - 1 else _LAST)[rng.integers(4 if i < k - 1 else 2)]
+            _CONSONANTS[rng.integers(len(_CONSONANTS))]
+            + (_VOWELS if i < k - 1 else _LAST)[rng.integers(4 if i < k - 1 else 2)]
             for i in range(k)
         ]
         w = "".join(syl)

@@ -146,11 +146,7 @@ def run(cfg: DistillConfig, out, *, progress: bool = True, stop_after: int | Non
     done = {record_key(r) for r in results["records"]}
     # samples of a record whose results were never written (an interrupted run) are dropped
     if samples_path.exists():
-        kept = [
-            line
-            for line in samples_path.read_text().splitlines()
-            if line and record_key(json.loads(line)) in done
-        ]
+        kept = [line for line in samples_path.read_text().splitlines() if line and record_key(json.loads(line)) in done]
         _write_atomic(samples_path, "".join(line + "\n" for line in kept))
 
     todo = [k for k in planned_records(cfg) if k not in done]
@@ -165,7 +161,7 @@ def run(cfg: DistillConfig, out, *, progress: bool = True, stop_after: int | Non
     bar = _tqdm(len(todo), f"{cfg.arm} records", progress)
     for key in todo:
         _, regime, divergence, seed = key
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         curves = None
         if regime == "teacher":
             fns = _model_fns(teacher, arm)
@@ -201,7 +197,12 @@ def run(cfg: DistillConfig, out, *, progress: bool = True, stop_after: int | Non
             "truth": "p*" if cfg.arm == "synthetic" else "teacher",
             "metrics": metrics,
             "curves": curves,
-            "seconds": {"train": round(t_train, 2), "total": round(time.perf_counter() - t0, 2)},
+            # wall time, and CPU time of this process (what the wall time is on an idle machine with one thread)
+            "seconds": {
+                "train": round(t_train, 2),
+                "total": round(time.perf_counter() - t0, 2),
+                "cpu": round(time.process_time() - c0, 2),
+            },
         }
         with open(samples_path, "a") as f:
             for s in samples:
@@ -239,7 +240,9 @@ def _teacher(cfg, arm, cache: Path, progress):
     if path.exists():
         state = torch.load(path, weights_only=False)
         if state.get("tag") == tag:
-            model = build_model(cfg.teacher, arm.vocab_size, seed=cfg.teacher_seed, pad_id=arm.pad_id, eos_id=arm.eos_id)
+            model = build_model(
+                cfg.teacher, arm.vocab_size, seed=cfg.teacher_seed, pad_id=arm.pad_id, eos_id=arm.eos_id
+            )
             model.load_state_dict(state["weights"])
             return model.eval()
     bar = _tqdm(cfg.teacher_steps, f"{cfg.arm} teacher", progress)
