@@ -121,8 +121,8 @@ class DistillConfig:
                 data="experiments/real/data/wordnet_nouns.jsonl",
                 teacher=ModelSpec(n_layer=2, n_embd=64, n_head=4, n_positions=96),
                 student=ModelSpec(n_layer=1, n_embd=32, n_head=2, n_positions=96),
-                steps=300,
-                teacher_steps=1500,
+                steps=240,
+                teacher_steps=1200,
                 n_eval=96,
                 n_train=6000,
             )

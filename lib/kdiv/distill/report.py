@@ -107,20 +107,31 @@ def plot_metric(ax, results, metric: str, *, regime: str = "kd", ylabel: str | N
     return rows
 
 
-def plot_precision_recall(ax, results, *, regime: str = "kd"):
+def plot_precision_recall(ax, results, *, regime: str = "kd", references: bool = True, fmt: str = "o", suffix=""):
     """Coverage (-E_{x~p*} log q per token, x axis) against precision (-E_{x~q} log p* per token, y axis) per
-    divergence, mean and 95 % interval over seeds; lower is better on both; the truth and teacher drawn too."""
+    divergence, mean and 95 % interval over seeds; lower is better on both; the truth, teacher and SFT rows drawn
+    too when ``references``."""
     cov = {(r["regime"], r["divergence"]): r for r in table(results, "nll_own_of_data", regime=regime)}
     pre = {(r["regime"], r["divergence"]): r for r in table(results, "nll_truth_of_own", regime=regime)}
     rows = []
     for key, c in cov.items():
+        if not references and key[0] in _OTHER:
+            continue
         p = pre[key]
         xerr = None if math.isnan(c["low"]) else [[c["mean"] - c["low"]], [c["high"] - c["mean"]]]
         yerr = None if math.isnan(p["low"]) else [[p["mean"] - p["low"]], [p["high"] - p["mean"]]]
         ax.errorbar(
-            [c["mean"]], [p["mean"]], xerr=xerr, yerr=yerr, fmt="o", color=_color(*key), label=c["name"], capsize=2
+            [c["mean"]],
+            [p["mean"]],
+            xerr=xerr,
+            yerr=yerr,
+            fmt=fmt,
+            color=_color(*key),
+            label=c["name"] + suffix,
+            capsize=2,
+            markerfacecolor="white" if fmt != "o" else None,
         )
-        rows.append({"name": c["name"], "coverage": c["mean"], "precision": p["mean"], "n": c["n"]})
+        rows.append({"name": c["name"] + suffix, "coverage": c["mean"], "precision": p["mean"], "n": c["n"]})
     ax.set_xlabel("coverage: −E_{x~p*} log q(x) per token (nats)")
     ax.set_ylabel("precision: −E_{x~q} log p*(x) per token")
     return rows
