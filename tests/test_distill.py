@@ -308,3 +308,23 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["run", "--arm", "moon", "--out", str(tmp_path)])
     assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arm", ["synthetic", "real"])
+def test_committed_results_match_their_samples(arm):
+    # The committed ROUGE-L of a record is the mean over its sampled responses, recomputed here with rouge_score
+    # from samples.jsonl (a few records per arm, to stay fast), and every record has its samples.
+    folder = ROOT / "experiments" / arm
+    if not (folder / "results.json").exists():
+        pytest.skip(f"no committed results for the {arm} arm")
+    results = load_results(folder)
+    samples: dict[tuple, list] = {}
+    for line in (folder / "samples.jsonl").read_text().splitlines():
+        s = json.loads(line)
+        samples.setdefault((*record_key(s), s["decoding"]), []).append(s)
+    assert {k[:4] for k in samples} == {record_key(r) for r in results["records"]}
+    for rec in results["records"][:: max(1, len(results["records"]) // 4)]:
+        for decoding, metric in (("sample", "rougeL"), ("greedy", "rougeL_greedy")):
+            mine = samples[(*record_key(rec), decoding)]
+            got = np.mean([rouge_l(s["generation"], s["references"]) for s in mine])
+            assert got == pytest.approx(rec["metrics"][metric], abs=1e-9)

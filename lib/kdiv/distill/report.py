@@ -71,7 +71,7 @@ def format_rows(rows, columns, digits: int = 2) -> str:
         return str(v)
 
     cells = [[cell(r[c]) for c in columns] for r in rows]
-    width = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    width = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, width, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, width, strict=True)) for row in cells]
     return "\n".join(lines)
@@ -156,6 +156,8 @@ def claims_check(results, metric: str, *, regime: str = "kd", baseline: str = "f
     """For each divergence, whether it beats the baseline on ``metric`` (higher is better): "better" / "worse"
     when the paired 95 % t interval excludes 0, else "no difference"."""
     out = {}
+    if not any(r["regime"] == regime for r in results["records"]):
+        return out
     for r in differences(results, metric, regime=regime, baseline=baseline):
         if not r["real"]:
             out[r["divergence"]] = "no difference"
