@@ -9,7 +9,8 @@ NOTEBOOKS := $(sort $(wildcard toy_examples/*.ipynb) $(wildcard notebooks/*.ipyn
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: install figures lab test unit nbval lint bench clean $(NOTEBOOKS:%=run-%)
+.PHONY: install figures lab test unit nbval lint bench clean experiments experiments-clean quick-experiments \
+  real-corpus $(NOTEBOOKS:%=run-%) $(ARMS:%=experiments-%)
 
 install: $(STAMP)
 
@@ -36,7 +37,7 @@ $(NOTEBOOKS:%=run-%): run-%: $(STAMP)
 lab: $(STAMP)
 	$(BIN)/jupyter lab --config=$(CURDIR)/jupyter_config.py --ServerApp.root_dir=$(CURDIR) $(JUPYTER_ARGS)
 
-test: lint unit nbval
+test: lint unit quick-experiments nbval
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -56,6 +57,29 @@ endif
 # `make bench` (about 10 minutes on 2 cores) or `make bench QUICK=1` (one round at N / 4, about 3 minutes)
 bench: $(STAMP)
 	$(PY) bench/run.py $(if $(QUICK),--quick)
+
+# The KD lab (kdiv.distill). `make experiments` runs (or resumes: finished records are kept) the committed sweep of
+# both arms, one process per arm on one thread each; `make experiments-clean experiments` regenerates them from
+# scratch. `make quick-experiments` runs the whole pipeline at toy sizes into a temporary folder (part of make test).
+ARMS := synthetic real
+experiments: $(STAMP)
+	@$(MAKE) --no-print-directory -j2 $(ARMS:%=experiments-%)
+
+$(ARMS:%=experiments-%): experiments-%: $(STAMP)
+	$(PY) -m kdiv.distill run --arm $* --out experiments/$*
+
+experiments-clean:
+	rm -rf $(foreach a,$(ARMS),experiments/$(a)/results.json experiments/$(a)/samples.jsonl experiments/$(a)/cache)
+
+quick-experiments: $(STAMP)
+	@tmp=$$(mktemp -d); \
+	$(PY) -m kdiv.distill run --arm synthetic --quick --no-progress --out $$tmp/synthetic && \
+	$(PY) -m kdiv.distill run --arm real --quick --no-progress --out $$tmp/real; \
+	rc=$$?; rm -rf $$tmp; exit $$rc
+
+# The real arm's data from WordNet 3.0 (Debian: apt-get install wordnet-base); the result is committed.
+real-corpus: $(STAMP)
+	$(PY) -m kdiv.distill build-corpus --wordnet /usr/share/wordnet --out experiments/real/data/wordnet_nouns.jsonl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
