@@ -111,31 +111,41 @@ class Chunk(Scratch):
     probability (a finite logit can still underflow) and the logits are log-probabilities.
     """
 
-    __slots__ = ("zs", "zt", "q", "p", "grad", "scale", "floored", "_lse_s", "_lse_t")
+    __slots__ = ("zs", "zt", "q", "p", "grad", "scale", "floored", "lse_s", "lse_t")
 
-    def __init__(self, zs, zt, q, p, grad, scale, buffers, dot_buffer, floored=False):
+    def __init__(self, zs, zt, q, p, grad, scale, buffers, dot_buffer, floored=False, lse_s=None, lse_t=None):
         super().__init__(buffers, dot_buffer)
         self.zs, self.zt, self.q, self.p = zs, zt, q, p
         self.grad, self.scale, self.floored = grad, scale, floored
-        self._lse_s = self._lse_t = None
+        self.lse_s = _lse(zs, q) if lse_s is None else lse_s
+        self.lse_t = _lse(zt, p) if lse_t is None else lse_t
 
-    def _lse(self, z, probs):
-        # max(softmax) = exp(max(z) - lse): a reduction instead of a second exp pass over the row; the fast path's
-        # logits have max exactly 0, so lse = -log(max(softmax)), a number of size <= log V known to ~1e-7
-        top = probs.amax(-1).log_().neg_()
-        return (top if not self.floored else top.add_(z.amax(-1))).unsqueeze(-1)
 
-    @property
-    def lse_s(self) -> torch.Tensor:
-        if self._lse_s is None:
-            self._lse_s = self._lse(self.zs, self.q)
-        return self._lse_s
+def _lse(z, probs):
+    """logsumexp of z [n, V] -> [n, 1] from its softmax: max(softmax) = exp(max(z) - lse), a reduction instead of
+    a second exp pass (for kernels called outside the engine, which hands its chunks the exact sums)."""
+    return (z.amax(-1) - probs.amax(-1).log_()).unsqueeze(-1)
 
-    @property
-    def lse_t(self) -> torch.Tensor:
-        if self._lse_t is None:
-            self._lse_t = self._lse(self.zt, self.p)
-        return self._lse_t
+
+# torch's fused CPU softmax accumulates a row's sum of exponentials in long sequential runs (one per SIMD lane):
+# its probabilities sum to 1 within 7e-7 up to V = 64k, but only within 4e-6 at 128k and 2e-5 at 256k in float32.
+# Longer rows are divided once more by their (cascaded, accurate) sum, which brings them to ~1e-6 per element.
+_RENORMALISE_ABOVE = 1 << 16
+
+
+def _softmax(z, out, floored):
+    """softmax(z) into `out` and logsumexp(z) [n, 1] for rows z [n, V]: shifted logits (max exactly 0) or, floored,
+    log-probabilities. The log-normaliser comes from max(softmax) = exp(max(z) - lse), a reduction instead of a
+    second exp pass; for shifted logits it is a number of size <= log V, known to ~1e-7."""
+    torch.ops.aten._softmax.out(z, -1, False, out=out)
+    lse = out.amax(-1, keepdim=True).log_().neg_()
+    if floored:
+        lse.add_(z.amax(-1, keepdim=True))
+    if z.shape[-1] > _RENORMALISE_ABOVE:
+        total = out.sum(-1, keepdim=True)
+        out.div_(total)
+        lse.add_(total.log_())
+    return lse
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,15 +349,14 @@ class _Engine:
         q, p, zs_buf, zt_buf, grad_buf, dot_buf, scratch = buffers(n)
         zs = self._logits(self.student, block, zs_buf, floored)
         zt = self._logits(self.teacher, block, zt_buf, floored)
-        torch.ops.aten._softmax.out(zs, -1, False, out=q)
-        torch.ops.aten._softmax.out(zt, -1, False, out=p)
+        lse_s, lse_t = _softmax(zs, q, floored), _softmax(zt, p, floored)
         grad, direct = None, None
         if self.want_grad:
             # compute-dtype gradient rows that can be viewed are written in place; others go through a buffer
             if isinstance(block, slice) and self.grad_dtype == self.dtype:
                 direct = self.grad_rows.view(block)
             grad = grad_buf if direct is None else direct
-        chunk = Chunk(zs, zt, q, p, grad, self.scale, scratch, dot_buf, floored)
+        chunk = Chunk(zs, zt, q, p, grad, self.scale, scratch, dot_buf, floored, lse_s, lse_t)
         # every divergence is >= 0: a rounding error below 0 (q ~ p) is clamped, not returned
         loss[block] = self.kernel(chunk, **self.hyper).clamp_min_(0.0)
         if floored and grad is not None:
