@@ -515,15 +515,15 @@ def rowwise_divergence(kernel, student_logits, teacher_logits, *, temperature, m
 
     Under torch.compile this is a graph break (it runs eagerly, its own threads and closed-form gradient intact);
     torch.func transforms are refused with a RuntimeError (the gradient is not an autograd graph they can see)."""
-    check_logits(student_logits, teacher_logits)
-    temperature = check_positive("temperature", temperature)
-    reduction = check_reduction(reduction)
     if torch._C._are_functorch_transforms_active():
         raise RuntimeError(
             "kdiv's token-level divergences do not support torch.func transforms (grad, vmap, jacrev, ...): their "
             "gradient is computed in closed form inside the call; use loss.backward() / torch.autograd.grad, or the "
             "plain autograd versions in kdiv.testing.plain"
         )
+    check_logits(student_logits, teacher_logits)
+    temperature = check_positive("temperature", temperature)
+    reduction = check_reduction(reduction)
     batch_shape = student_logits.shape[:-1]
     mask = check_mask(mask, batch_shape, student_logits.device)
     vocab = student_logits.shape[-1]
