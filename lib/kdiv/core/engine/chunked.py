@@ -12,19 +12,33 @@ The gradient is computed during the forward pass (as Liger-Kernel does), already
 weight (1/T, and 1/count for ``"mean"``), so that backward has nothing left to do for the usual ``loss.backward()``.
 Teacher logits never receive a gradient.
 
-Two paths per row. The *fast path* works on the logits themselves (log q = z_s - logsumexp(z_s) is never
-materialised; sums like sum_v q_v log q_v are taken as dot products with the logits plus a per-row constant). A
-``-inf`` logit makes such a row's loss NaN or inf; those rows, and only those, are computed again on the *floored
-path*, which first replaces the logits by their log-probabilities with ``-inf`` raised to :data:`LOG_FLOOR`.
-Counted rows only are computed: rows the mask drops are skipped, with loss 0 and gradient 0.
+Two paths per row. The *fast path* works on the logits shifted by their row maximum, z - max(z) (exact in floating
+point; log q = z - max(z) - logsumexp(z - max(z)) is never materialised: sums like sum_v q_v log q_v are taken as
+dot products with the shifted logits plus a per-row constant of size at most log V). Shifting first is what keeps
+float32 accurate when the two models' logits sit far apart: a raw difference z_t - z_s of two logits near +-c
+rounds at ~eps * c, and a row constant lse_s - lse_t of size ~c multiplies the error of sum p = 1. A ``-inf``
+logit makes such a row's loss NaN or inf; those rows, and only those, are computed again on the *floored path*,
+which first replaces the logits by their log-probabilities with ``-inf`` raised to :data:`LOG_FLOOR`. A row whose
+logits are finite but span more than float32 can hold (~1e38) raises a ValueError there. Counted rows only are
+computed: rows the mask drops are skipped, with loss 0 and gradient 0. Every loss is clamped at 0 (a divergence is
+never negative; rounding can take a row with q ~ p a few ulps below).
+
+Inputs are read in place: any layout whose rows have unit stride along V, including the causal-LM shift
+``logits[:, :-1]`` (rows of a 3-D view, read segment by segment). When the student is such a view of a contiguous
+tensor that requires grad and covers >= ~90 % of it, the gradient is written straight into a tensor of the base's
+shape (the rows the view leaves out are zeroed): autograd would otherwise allocate the base's gradient and copy
+this one into it, 2x one logits tensor at the peak instead of 1x. With grad mode off (``torch.no_grad``,
+``torch.inference_mode``) no gradient is computed.
 
 Performance notes (measured on a 2-core CPU; see the README's Performance section and ``bench/``): the
-probabilities come from torch's fused softmax (one exp per element); log-normalisers from two row maxima,
-``lse = max(z) - log(max(softmax(z)))``, instead of a second exp pass; elementwise work runs in place on the chunk
-buffers, with no chunk-sized temporary (a fresh tensor costs its page faults on every call); on CPU the chunks are
-shared out to single-core worker threads rather than split op by op over torch's intra-op threads; a chunk of
+probabilities come from torch's fused softmax (one exp per element; renormalised by an accurate sum for V > 64k,
+see :data:`_RENORMALISE_ABOVE`); log-normalisers from the row maximum of the softmax, ``lse = -log(max(softmax(z)))``
+for shifted z, instead of a second exp pass; elementwise work runs in place on the chunk buffers, with no
+chunk-sized temporary (a fresh tensor costs its page faults on every call); on CPU the chunks are shared out to
+single-core worker threads (:mod:`.workers`) rather than split op by op over torch's intra-op threads; a chunk of
 about :data:`CHUNK_ELEMENTS` elements keeps a worker's buffers in the CPU cache while the Python overhead per torch
-op (a few microseconds) stays small against the op.
+op (a few microseconds) stays small against the op. On CUDA chunks are :data:`CUDA_CHUNK_ELEMENTS` elements and the
+chunk loop never reads a value back to the host (AKL's head threshold takes its sort-based route there).
 """
 
 from __future__ import annotations
@@ -270,6 +284,7 @@ class _Engine:
             None if grad_rows is None else (grad_rows.flat if grad_rows.seg is None else grad_rows.seg).dtype
         )
         self.buffer_rows = max(1, min(chunk_rows, n_buffer_rows))
+        self.overflow = torch.zeros((), dtype=torch.bool, device=self.device)
 
     def _buffers(self):
         """A worker's chunk buffers: q, p, the two shifted logits, the gradient block (when it cannot be written in
@@ -322,12 +337,9 @@ class _Engine:
             if self.temperature != 1.0:
                 buf.div_(self.temperature)
             logp = torch.log_softmax(buf, -1)
-            if bool((torch.isneginf(logp) & torch.isfinite(buf)).any()):
-                # a finite logit whose distance to its row's maximum overflows: no float32 log-probability
-                raise ValueError(
-                    "logits whose spread within a row exceeds the float32 range cannot be computed in float32; "
-                    "pass float64 logits"
-                )
+            # a finite logit whose distance to its row's maximum overflows has no float32 log-probability: noted
+            # on the device (no host sync per chunk), raised after the loop
+            self.overflow |= (torch.isneginf(logp) & torch.isfinite(buf)).any()
             # used as logits: softmax gives the probabilities back (a floored token gets probability float32
             # tiny) and every log term stays finite
             return buf.copy_(logp.nan_to_num_(nan=0.0, posinf=0.0, neginf=LOG_FLOOR))
@@ -428,6 +440,11 @@ def _chunked_pass(target, geometry, teacher, counted, kernel, hyper, temperature
         bad_rows = bad.nonzero().squeeze(1)
         _check_rows(s_rows, t_rows, bad_rows)
         engine.run(_row_blocks(n_rows, bad_rows, chunk_rows), loss, floored=True)
+        if bool(engine.overflow):
+            raise ValueError(
+                "logits whose spread within a row exceeds the float32 range (~3e38) cannot be computed in float32; "
+                "pass float64 logits"
+            )
         if not bool(torch.isfinite(loss).all()):
             raise ValueError(
                 "the divergence of finite logits overflows float32 (logits of magnitude ~1e38 within a row); "
