@@ -7,6 +7,13 @@ For each shape N x V and each token-level divergence, three things run in one pr
 - ``ce``: ``torch.nn.functional.cross_entropy`` with soft targets (the teacher's probabilities) on the same shape,
   the yardstick of the targets (see the README's Performance section).
 
+Also, per shape: ``floor``, the least any chunked implementation must do (two chunked softmax passes, one exp per
+element of each model, and the write of the gradient q - p, on the same worker threads and chunks as kdiv): each
+divergence's time over it says how close to the limit it is, whatever CE costs on this CPU; ``shifted/<name>``,
+the causal-LM shift (student and teacher ``logits.view(B, T, V)[:, :-1]``, row-strided views) with its gradient
+into the full logits; ``nograd/<name>``, the loss under ``torch.no_grad()`` with a student that requires grad (a
+logged loss: no gradient computed or allocated).
+
 Time: one forward + backward (``loss.backward()`` into the student's ``.grad``), wall clock. Every round runs CE
 right before each kdiv case, so that a slower or faster spell of a shared machine hits both alike; a kdiv case's
 ratio to CE is the median over ``--repeats`` rounds of its time over the CE run just before it. The plain versions
@@ -40,6 +47,13 @@ import torch
 from kdiv.core.engine import chunked
 from kdiv.testing import plain
 
+try:
+    from kdiv.core.engine import workers
+
+    _pool, _n_workers, _usable_cpus = workers.pool, workers.n_workers, workers.usable_cpus
+except ImportError:  # an earlier kdiv (this script run against an older checkout, for before / after ratios)
+    _pool, _n_workers, _usable_cpus = chunked._workers, torch.get_num_threads, os.cpu_count
+
 HERE = Path(__file__).resolve().parent
 
 SHAPES = [(4096, 32000), (1024, 128256), (512, 256000)]
@@ -49,6 +63,9 @@ NAMES = list(kdiv.DIVERGENCES)
 LOGIT_STD = 4.0
 STRESS_STD = 2.0
 TARGETS = {"time": 0.6, "time_akl": 1.5, "memory": 1.25}
+# the divergences also run shifted and without gradient (each costs a full case; these two cover both kernel kinds)
+EXTRA_NAMES = ("forward_kl", "akl")
+SHIFT_T = 64  # positions per sequence in the shifted case: B = N / 64 sequences of 63 predicted tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,11 +129,60 @@ def fwd_bwd(fn, student, target):
     return x.grad
 
 
+def floor(student, teacher):
+    """The floor: softmax of both models chunk by chunk and the gradient q - p written, on kdiv's worker threads
+    and chunk size; what any chunked implementation computes at least. Returns the gradient."""
+    n, vocab = student.shape
+    grad = torch.empty_like(student)
+    rows = max(1, min(n, chunked.CHUNK_ELEMENTS // vocab)) if student.device.type == "cpu" else n
+    blocks = [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+    pool = _pool() if student.device.type == "cpu" and _n_workers() > 1 else None
+
+    def work(my_blocks):
+        q, p = (torch.empty(rows, vocab, device=student.device) for _ in range(2))
+        for b in my_blocks:
+            k = b.stop - b.start
+            torch.softmax(student[b], -1, out=q[:k])
+            torch.softmax(teacher[b], -1, out=p[:k])
+            torch.sub(q[:k], p[:k], out=grad[b])
+
+    if pool is None:
+        work(blocks)
+    else:
+        k = _n_workers()
+        for f in [pool.submit(work, blocks[i::k]) for i in range(k)]:
+            f.result()
+    return grad
+
+
+def shifted(fn):
+    """fn on the causal shift of [N, V] logits seen as [N / SHIFT_T, SHIFT_T, V]: row-strided views."""
+
+    def call(x, target):
+        vocab = x.shape[-1]
+        return fn(x.view(-1, SHIFT_T, vocab)[:, :-1], target.view(-1, SHIFT_T, vocab)[:, :-1])
+
+    return call
+
+
+class NoGrad:
+    """Marks a case run under torch.no_grad() (forward only) with a student that requires grad."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+
 def run_case(fn, student, target, device):
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    grad = fwd_bwd(fn, student, target)
+    if fn is floor:
+        grad = floor(student, target)
+    elif isinstance(fn, NoGrad):
+        with torch.no_grad():
+            grad = fn.fn(student.detach().requires_grad_(), target)
+    else:
+        grad = fwd_bwd(fn, student, target)
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -129,12 +195,15 @@ def bench_shape(n, vocab, device, repeats, names, log):
     "plain/<name>", "kdiv/akl@stress" (AKL with a flatter teacher, whose head is large)."""
     student, teacher = make_inputs(n, vocab, device, LOGIT_STD)
     targets = torch.softmax(teacher, dim=-1)  # CE's soft targets: an input, made before any measurement
-    cases = {"ce": (plain.soft_cross_entropy, targets)}
+    cases = {"ce": (plain.soft_cross_entropy, targets), "floor": (floor, teacher)}
     for name in names:
         cases[f"kdiv/{name}"] = (kdiv.DIVERGENCES[name], teacher)
         cases[f"plain/{name}"] = (plain.DIVERGENCES[name], teacher)
     if "akl" in names:
         cases["kdiv/akl@stress"] = (kdiv.DIVERGENCES["akl"], teacher * (STRESS_STD / LOGIT_STD))
+    for name in (nm for nm in EXTRA_NAMES if nm in names and n % SHIFT_T == 0):
+        cases[f"shifted/{name}"] = (shifted(kdiv.DIVERGENCES[name]), teacher)
+        cases[f"nograd/{name}"] = (NoGrad(kdiv.DIVERGENCES[name]), teacher)
     results = {case: {"times": [], "ratios": []} for case in cases}
 
     # First run of every case: the memory measurement; a warm-up for kdiv and CE, and the one timed run of each
@@ -147,14 +216,18 @@ def bench_shape(n, vocab, device, repeats, names, log):
             results[case]["times"].append(elapsed)
         log(f"  first run {case}: {elapsed:.2f} s, extra memory {mem.extra / 2**20:.0f} MiB")
 
-    # Rounds: CE right before every kdiv case, so that each ratio compares two runs a second apart
+    # Rounds: CE and the floor right before every kdiv case, so that each ratio compares runs a second apart
+    timed = [c for c in cases if c.startswith(("kdiv/", "shifted/", "nograd/"))]
     for r in range(repeats):
-        for case in (c for c in cases if c.startswith("kdiv/")):
+        for case in timed:
             t_ce = run_case(cases["ce"][0], student, cases["ce"][1], device)
+            t_floor = run_case(floor, student, teacher, device)
             t = run_case(cases[case][0], student, cases[case][1], device)
             results["ce"]["times"].append(t_ce)
+            results["floor"]["times"].append(t_floor)
             results[case]["times"].append(t)
             results[case]["ratios"].append(t / t_ce)
+            results[case].setdefault("floor_ratios", []).append(t / t_floor)
         log(f"  round {r + 1}/{repeats}: ce {statistics.median(results['ce']['times']):.2f} s")
     del student, teacher, targets, cases
     gc.collect()
@@ -175,6 +248,8 @@ def summarise(results, n, vocab):
         t = statistics.median(r["times"])
         ratio = statistics.median(r["ratios"]) if r.get("ratios") else t / ce
         rows[case] = {"seconds": t, "time_vs_ce": ratio, "memory_vs_logits": r["memory"] / logits_bytes}
+        if r.get("floor_ratios"):
+            rows[case]["time_vs_floor"] = statistics.median(r["floor_ratios"])
     return rows
 
 
@@ -185,22 +260,32 @@ def print_table(shape_rows, names, out=print):
             f"\nN x V = {n} x {vocab} (fp32)   soft-target CE: {ce['seconds']:.2f} s, extra memory "
             f"{ce['memory_vs_logits']:.2f} x logits"
         )
+        if "floor" in rows:
+            fl = rows["floor"]
+            out(
+                f"floor (2 chunked softmax passes + gradient write): {fl['seconds']:.2f} s = "
+                f"{fl['seconds'] / ce['seconds']:.2f} x CE"
+            )
         out(
-            f"{'divergence':<18}{'kdiv s':>8}{'plain s':>9}{'kdiv/CE':>9}{'plain/CE':>9}{'kdiv/plain':>11}"
-            f"{'mem kdiv':>10}{'mem plain':>10}   (memory: extra peak / one logits tensor)"
+            f"{'divergence':<22}{'kdiv s':>8}{'plain s':>9}{'kdiv/CE':>9}{'/floor':>8}{'plain/CE':>9}"
+            f"{'kdiv/plain':>11}{'mem kdiv':>10}{'mem plain':>10}   (memory: extra peak / one logits tensor)"
         )
         for name in names:
             k, p = rows[f"kdiv/{name}"], rows[f"plain/{name}"]
             out(
-                f"{name:<18}{k['seconds']:>8.2f}{p['seconds']:>9.2f}{k['time_vs_ce']:>9.2f}{p['time_vs_ce']:>9.2f}"
+                f"{name:<22}{k['seconds']:>8.2f}{p['seconds']:>9.2f}{k['time_vs_ce']:>9.2f}"
+                f"{k.get('time_vs_floor', float('nan')):>8.2f}{p['time_vs_ce']:>9.2f}"
                 f"{k['seconds'] / p['seconds']:>11.2f}{k['memory_vs_logits']:>10.2f}{p['memory_vs_logits']:>10.2f}"
             )
-        if "kdiv/akl@stress" in rows:
-            k = rows["kdiv/akl@stress"]
-            out(
-                f"{'akl, std-2 logits':<18}{k['seconds']:>8.2f}{'':>9}{k['time_vs_ce']:>9.2f}{'':>9}{'':>11}"
-                f"{k['memory_vs_logits']:>10.2f}"
-            )
+        extra = [("kdiv/akl@stress", "akl, std-2 logits")]
+        extra += [(f"{kind}/{nm}", f"{nm}, {kind}") for kind in ("shifted", "nograd") for nm in EXTRA_NAMES]
+        for case, label in extra:
+            if case in rows:
+                k = rows[case]
+                out(
+                    f"{label:<22}{k['seconds']:>8.2f}{'':>9}{k['time_vs_ce']:>9.2f}"
+                    f"{k.get('time_vs_floor', float('nan')):>8.2f}{'':>9}{'':>11}{k['memory_vs_logits']:>10.2f}"
+                )
 
 
 def plot(shape_rows, names, device, path_name):
@@ -289,6 +374,14 @@ def plot(shape_rows, names, device, path_name):
     return kp.savefig(fig, path_name)
 
 
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def machine_info(device):
     info = {
         "torch": torch.__version__,
@@ -299,8 +392,9 @@ def machine_info(device):
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     else:
-        info["cpu"] = platform.processor() or platform.machine()
+        info["cpu"] = _cpu_model() or platform.processor() or platform.machine()
         info["cores"] = os.cpu_count()
+        info["usable_cpus"] = _usable_cpus()
     return info
 
 
@@ -313,6 +407,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--no-figure", action="store_true")
+    ap.add_argument("--tag", default="", help="appended to the results file's name (e.g. a before / after run)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the figure and table from results_<device>.json")
     args = ap.parse_args(argv)
     if args.plot_only:
@@ -355,13 +450,15 @@ def main(argv=None):
     )
 
     print(
-        f"kdiv benchmark, {args.device}, torch {info['torch']}, {info['threads']} threads, median of {repeats} "
+        f"kdiv benchmark, {args.device} ({info.get('gpu') or info.get('cpu')}), torch {info['torch']}, "
+        f"{info['threads']} threads, median of {repeats} "
         f"round(s); load average {load_before[0]:.1f} before, {info['load_average_after'][0]:.1f} after"
     )
     print_table(shape_rows, names)
     # results_cpu.json (and the figure) for the default run only; other runs are tagged
     suffix = ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
     suffix += "_partial" if args.shapes is not None or args.names is not None else ""
+    suffix += f"_{args.tag}" if args.tag else ""
     out = HERE / f"results_{args.device}{suffix}.json"
     out.write_text(
         json.dumps(

@@ -214,3 +214,56 @@ def reduce(per_token, mask=None, reduction="mean"):
         n = keep.sum()
         return masked.sum() / n if n else 0.0
     raise ValueError(f"reduction {reduction!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Log-domain forms, for logits of any magnitude (tests/test_accuracy.py)
+# ---------------------------------------------------------------------------------------------------------------
+# The forms above take log(p / q) of probabilities, which is +inf where a probability underflows even in float64
+# (logits 1e30 apart). These take every logarithm from log_softmax, and weigh by the probability only at the end
+# (0 * anything = 0: a token of probability exactly 0 contributes nothing), so that huge but finite divergences are
+# finite numbers.
+
+
+def _weighted(prob, log_ratio):
+    return np.where(prob == 0, 0.0, prob * log_ratio).sum(-1)
+
+
+def _log_mix(log_a, log_b, w):
+    """log(w a + (1 - w) b) from log a, log b."""
+    return np.logaddexp(np.log(w) + log_a, np.log1p(-w) + log_b)
+
+
+def log_domain(name, student, teacher, **hyper):
+    """The divergence `name` per token, every log term from log_softmax (float64). Shapes: [..., V] -> [...]."""
+    lq, lp = log_softmax_t(student), log_softmax_t(teacher)
+    q, p = np.exp(lq), np.exp(lp)
+    fkl, rkl = _weighted(p, lp - lq), _weighted(q, lq - lp)
+    if name == "forward_kl":
+        return fkl
+    if name == "reverse_kl":
+        return rkl
+    if name == "symmetric_kl":
+        w = hyper.get("w", 0.5)
+        return (1 - w) * fkl + w * rkl
+    if name == "js":
+        beta = hyper.get("beta", 0.5)
+        if beta in (0.0, 1.0):
+            return fkl if beta == 0.0 else rkl
+        lm = _log_mix(lp, lq, beta)
+        return beta * _weighted(p, lp - lm) + (1 - beta) * _weighted(q, lq - lm)
+    if name == "tvd":
+        return 0.5 * np.abs(p - q).sum(-1)
+    if name == "skew_kl":
+        alpha = hyper.get("alpha", 0.1)
+        return _weighted(p, lp - _log_mix(lp, lq, alpha)) if alpha < 1 else np.zeros(lp.shape[:-1])
+    if name == "skew_reverse_kl":
+        alpha = hyper.get("alpha", 0.1)
+        return _weighted(q, lq - _log_mix(lq, lp, alpha)) if alpha < 1 else np.zeros(lp.shape[:-1])
+    if name == "akl":
+        g_head, g_tail = head_tail_error(q, p, hyper.get("mu", 0.5))
+        total = g_head + g_tail
+        with np.errstate(invalid="ignore", divide="ignore"):
+            w_head = np.where(total == 0, 0.5, g_head / total)
+        return np.where(w_head == 0, 0.0, w_head * fkl) + np.where(w_head == 1, 0.0, (1 - w_head) * rkl)
+    raise KeyError(name)

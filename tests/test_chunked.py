@@ -94,29 +94,53 @@ def test_extreme_logits_match_plain(name):
     assert torch.isfinite(got_g).all()
 
 
-def test_chunking_and_threads_do_not_change_results():
+def test_chunking_and_threads_do_not_change_results(monkeypatch):
+    import threading
+
+    from kdiv.core.engine import workers
+
     s, t = _inputs((37, 1000), torch.float32, seed=5)
+    ran_on = []  # the thread that computed each block
+    original = chunked._Engine.run_block
+
+    def recording(self, *args, **kwargs):
+        ran_on.append(threading.current_thread().name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(chunked._Engine, "run_block", recording)
+    if workers.usable_cpus() < 2:
+        pytest.skip("one usable CPU: the engine runs every block in the calling thread")
     before = torch.get_num_threads()
     try:
         for name in NAMES:
             runs = []
             for threads, chunk_size in ((1, None), (2, None), (2, 1), (2, 7)):
                 torch.set_num_threads(threads)
+                ran_on.clear()
                 x = s.clone().requires_grad_()
                 loss = kdiv.DIVERGENCES[name](x, t, chunk_size=chunk_size, reduction="sum")
                 loss.backward()
                 runs.append((loss.detach(), x.grad))
+                pooled = sum(thread.startswith("kdiv") for thread in ran_on)
+                if threads == 1:
+                    assert pooled == 0, name  # one thread: no pool
+                elif workers.pool() is not None and len(ran_on) > 1:
+                    assert pooled == len(ran_on), (name, chunk_size, ran_on)  # every block on a pool worker
             for loss, grad in runs[1:]:
                 torch.testing.assert_close(loss, runs[0][0], rtol=1e-6, atol=0, msg=name)
                 torch.testing.assert_close(grad, runs[0][1], rtol=1e-6, atol=1e-9, msg=name)
     finally:
         torch.set_num_threads(before)
+    assert workers.pool() is not None  # torch's OpenMP runtime was found: the pool is what ran the blocks above
 
 
 def test_auto_chunk_rows():
     assert chunked.auto_chunk_rows(10_000, 32000) == max(1, chunked.CHUNK_ELEMENTS // 32000)
     assert chunked.auto_chunk_rows(3, 32000) <= 3
     assert chunked.auto_chunk_rows(10, 10**9) == 1
+    # a GPU streams chunks through memory: much larger chunks, the host's per-op cost amortised
+    assert chunked.auto_chunk_rows(10_000, 32000, "cuda") == chunked.CUDA_CHUNK_ELEMENTS // 32000
+    assert chunked.CUDA_CHUNK_ELEMENTS >= 16 * chunked.CHUNK_ELEMENTS
     with pytest.raises(ValueError, match="chunk_size"):
         kdiv.forward_kl(torch.zeros(2, 3), torch.zeros(2, 3), chunk_size=0)
 

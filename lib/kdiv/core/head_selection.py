@@ -121,8 +121,8 @@ def head_threshold_rows(p, mu, ws):
     full sort: a row whose top probability exceeds mu has that as its threshold; a top-_TOP_K settles the rows
     whose head is small; the rest go through :func:`_threshold_large_head`. ws: a Scratch of p's shape."""
     n, vocab = p.shape
-    if vocab <= _SORT_BELOW:
-        return head_threshold(p, mu)
+    if vocab <= _SORT_BELOW or p.device.type == "cuda":
+        return head_threshold(p, mu)  # on CUDA: no host sync in the chunk loop (see the module docstring)
     top1 = p.amax(-1)
     if bool((top1 > mu).all()):
         return top1  # the top group alone has more than mu: the head is that group

@@ -15,8 +15,11 @@ from .head_selection import head_weight
 # Row kernels: (chunk, **hyper) -> loss [n], for a Chunk of n rows (kdiv.core.engine). When chunk.grad is not None the
 # kernel also writes chunk.scale * d loss / d zs there (zs = student logits / T).
 #
-# Notation: log q = zs - lse_s and log p = zt - lse_t are never materialised: a sum such as sum_v q_v log(q_v/p_v)
-# is a row dot product with zs - zt plus the row constant lse_t - lse_s (q sums to 1). Through the softmax a loss
+# Notation: zs, zt are the logits shifted by their row maximum (the engine's fast path), so that zs - zt is exact
+# to the size of the log-probabilities whatever offset separates the two models, and lse_s, lse_t are at most
+# log V. log q = zs - lse_s and log p = zt - lse_t are never materialised: a sum such as sum_v q_v log(q_v/p_v) is a
+# row dot product with zs - zt plus the row constant lse_t - lse_s (q sums to 1; the constant is small, so the
+# rounding of that sum costs ~1e-7 * log V, not ~1e-7 * offset). Through the softmax a loss
 # L(q) has the gradient q * (g - sum(q * g)) with g = dL/dq, so any row constant in g (lse_s, the +1 of
 # d(q log q)/dq) cancels. Where a -inf logit (or an underflowing probability that a kernel divides by) would make a
 # term wrong, the loss holds a product like p * (zt - zs) that is then NaN or inf, which sends exactly those rows to

@@ -12,33 +12,44 @@ The gradient is computed during the forward pass (as Liger-Kernel does), already
 weight (1/T, and 1/count for ``"mean"``), so that backward has nothing left to do for the usual ``loss.backward()``.
 Teacher logits never receive a gradient.
 
-Two paths per row. The *fast path* works on the logits themselves (log q = z_s - logsumexp(z_s) is never
-materialised; sums like sum_v q_v log q_v are taken as dot products with the logits plus a per-row constant). A
-``-inf`` logit makes such a row's loss NaN or inf; those rows, and only those, are computed again on the *floored
-path*, which first replaces the logits by their log-probabilities with ``-inf`` raised to :data:`LOG_FLOOR`.
-Counted rows only are computed: rows the mask drops are skipped, with loss 0 and gradient 0.
+Two paths per row. The *fast path* works on the logits shifted by their row maximum, z - max(z) (exact in floating
+point; log q = z - max(z) - logsumexp(z - max(z)) is never materialised: sums like sum_v q_v log q_v are taken as
+dot products with the shifted logits plus a per-row constant of size at most log V). Shifting first is what keeps
+float32 accurate when the two models' logits sit far apart: a raw difference z_t - z_s of two logits near +-c
+rounds at ~eps * c, and a row constant lse_s - lse_t of size ~c multiplies the error of sum p = 1. A ``-inf``
+logit makes such a row's loss NaN or inf; those rows, and only those, are computed again on the *floored path*,
+which first replaces the logits by their log-probabilities with ``-inf`` raised to :data:`LOG_FLOOR`. A row whose
+logits are finite but span more than float32 can hold (~1e38) raises a ValueError there. Counted rows only are
+computed: rows the mask drops are skipped, with loss 0 and gradient 0. Every loss is clamped at 0 (a divergence is
+never negative; rounding can take a row with q ~ p a few ulps below).
+
+Inputs are read in place: any layout whose rows have unit stride along V, including the causal-LM shift
+``logits[:, :-1]`` (rows of a 3-D view, read segment by segment). When the student is such a view of a contiguous
+tensor that requires grad and covers >= ~90 % of it, the gradient is written straight into a tensor of the base's
+shape (the rows the view leaves out are zeroed): autograd would otherwise allocate the base's gradient and copy
+this one into it, 2x one logits tensor at the peak instead of 1x. With grad mode off (``torch.no_grad``,
+``torch.inference_mode``) no gradient is computed.
 
 Performance notes (measured on a 2-core CPU; see the README's Performance section and ``bench/``): the
-probabilities come from torch's fused softmax (one exp per element); log-normalisers from two row maxima,
-``lse = max(z) - log(max(softmax(z)))``, instead of a second exp pass; elementwise work runs in place on the chunk
-buffers, with no chunk-sized temporary (a fresh tensor costs its page faults on every call); on CPU the chunks are
-shared out to single-core worker threads rather than split op by op over torch's intra-op threads; a chunk of
+probabilities come from torch's fused softmax (one exp per element; renormalised by an accurate sum for V > 64k,
+see :data:`_RENORMALISE_ABOVE`); log-normalisers from the row maximum of the softmax, ``lse = -log(max(softmax(z)))``
+for shifted z, instead of a second exp pass; elementwise work runs in place on the chunk buffers, with no
+chunk-sized temporary (a fresh tensor costs its page faults on every call); on CPU the chunks are shared out to
+single-core worker threads (:mod:`.workers`) rather than split op by op over torch's intra-op threads; a chunk of
 about :data:`CHUNK_ELEMENTS` elements keeps a worker's buffers in the CPU cache while the Python overhead per torch
-op (a few microseconds) stays small against the op.
+op (a few microseconds) stays small against the op. On CUDA chunks are :data:`CUDA_CHUNK_ELEMENTS` elements and the
+chunk loop never reads a value back to the host (AKL's head threshold takes its sort-based route there).
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
-import os
-import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from ..checks import check_logits, check_mask, check_positive, check_positive_int, check_reduction
+from . import workers
 
 # A log-probability of -inf (a -inf logit: a token outside the vocabulary) is replaced by log of the smallest
 # normal float32, as if the token had probability 1.2e-38. This keeps every divergence finite, and every gradient
@@ -48,6 +59,12 @@ LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # -87.34
 # Target size of one chunk, in elements (rows x vocab), tuned with bench/chunk_size.py on a 2-core CPU: 2**17 to
 # 2**19 are within noise of each other; 2**16 pays the Python overhead per op, 2**20 falls out of the cache.
 CHUNK_ELEMENTS = 1 << 18
+# On CUDA there is no cache to stay in (a chunk streams through HBM whatever its size) and the cost to amortise is
+# the host's: each of the ~25 torch ops per chunk takes the Python side 5-10 us to issue. A chunk of 2**23 elements
+# makes every elementwise op move >= 64 MB (fp32 in and out), >= 13 us at an H100/H200's ~4.8 TB/s and ~30 us at an
+# A100's 2 TB/s, so the GPU's queue stays ahead of the host (no host sync in the chunk loop keeps it that way) while
+# the engine's ~10 fp32 chunk buffers take 10 * 32 MB = 320 MB, small against one [4096, 128256] gradient (2.1 GB).
+CUDA_CHUNK_ELEMENTS = 1 << 23
 
 # Scratch buffers a kernel may ask for with Chunk.scratch(i), i < MAX_SCRATCH; the engine's own per worker: q, p,
 # both scaled logits, a gradient block, the dot product's.
@@ -55,9 +72,14 @@ MAX_SCRATCH = 4
 _FIXED_BUFFERS = 6
 
 
-def auto_chunk_rows(n_rows: int, vocab: int) -> int:
-    """Rows per chunk: about CHUNK_ELEMENTS elements per chunk, at least one row."""
-    return max(1, min(n_rows, CHUNK_ELEMENTS // max(vocab, 1)))
+def chunk_elements(device) -> int:
+    """Target elements per chunk on this device: CUDA_CHUNK_ELEMENTS on CUDA, CHUNK_ELEMENTS elsewhere."""
+    return CUDA_CHUNK_ELEMENTS if torch.device(device).type == "cuda" else CHUNK_ELEMENTS
+
+
+def auto_chunk_rows(n_rows: int, vocab: int, device="cpu") -> int:
+    """Rows per chunk: about chunk_elements(device) elements per chunk, at least one row."""
+    return max(1, min(n_rows, chunk_elements(device) // max(vocab, 1)))
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -93,41 +115,140 @@ class Scratch:
 class Chunk(Scratch):
     """One chunk of n rows as a row kernel sees it (compute dtype throughout).
 
-    ``zs``, ``zt`` [n, V]: student and teacher logits divided by the temperature; ``q``, ``p`` [n, V]: their
-    softmaxes; ``lse_s``, ``lse_t`` [n, 1]: their logsumexp (computed on first use), so that
+    ``zs``, ``zt`` [n, V]: student and teacher logits divided by the temperature, *shifted by their row maximum*
+    (max 0; on the floored path, log-probabilities), so that every log-ratio a kernel forms from them is a
+    difference of numbers of the size of the log-probabilities, whatever the logits' own offset; ``q``, ``p`` [n, V]:
+    their softmaxes; ``lse_s``, ``lse_t`` [n, 1]: their logsumexp (computed on first use; at most log V), so that
     ``log q = zs - lse_s``; ``grad`` [n, V] or None: where the kernel writes ``scale * d loss / d zs`` (None when
     the student needs no gradient); ``scratch(i)`` [n, V], i < MAX_SCRATCH: buffers the kernel may overwrite;
     ``dot(a, b)``: row dot products; ``floored``: True on the floored path, where a kernel must not divide by a
     probability (a finite logit can still underflow) and the logits are log-probabilities.
     """
 
-    __slots__ = ("zs", "zt", "q", "p", "grad", "scale", "floored", "_lse_s", "_lse_t")
+    __slots__ = ("zs", "zt", "q", "p", "grad", "scale", "floored", "lse_s", "lse_t")
 
-    def __init__(self, zs, zt, q, p, grad, scale, buffers, dot_buffer, floored=False):
+    def __init__(self, zs, zt, q, p, grad, scale, buffers, dot_buffer, floored=False, lse_s=None, lse_t=None):
         super().__init__(buffers, dot_buffer)
         self.zs, self.zt, self.q, self.p = zs, zt, q, p
         self.grad, self.scale, self.floored = grad, scale, floored
-        self._lse_s = self._lse_t = None
-
-    @property
-    def lse_s(self) -> torch.Tensor:
-        if self._lse_s is None:
-            # max(softmax) = exp(max(z) - lse): a reduction instead of a second exp pass over the row
-            self._lse_s = (self.zs.amax(-1) - self.q.amax(-1).log_()).unsqueeze(-1)
-        return self._lse_s
-
-    @property
-    def lse_t(self) -> torch.Tensor:
-        if self._lse_t is None:
-            self._lse_t = (self.zt.amax(-1) - self.p.amax(-1).log_()).unsqueeze(-1)
-        return self._lse_t
+        self.lse_s = _lse(zs, q) if lse_s is None else lse_s
+        self.lse_t = _lse(zt, p) if lse_t is None else lse_t
 
 
-def _row_blocks(n_rows: int, rows: torch.Tensor | None, chunk_rows: int):
-    """Blocks of rows to compute: a slice where the rows are consecutive, else an index tensor."""
+def _lse(z, probs):
+    """logsumexp of z [n, V] -> [n, 1] from its softmax: max(softmax) = exp(max(z) - lse), a reduction instead of
+    a second exp pass (for kernels called outside the engine, which hands its chunks the exact sums)."""
+    return (z.amax(-1) - probs.amax(-1).log_()).unsqueeze(-1)
+
+
+# torch's fused CPU softmax accumulates a row's sum of exponentials in long sequential runs (one per SIMD lane):
+# its probabilities sum to 1 within 7e-7 up to V = 64k, but only within 4e-6 at 128k and 2e-5 at 256k in float32.
+# Longer rows are divided once more by their (cascaded, accurate) sum, which brings them to ~1e-6 per element.
+_RENORMALISE_ABOVE = 1 << 16
+
+
+def _softmax(z, out, floored):
+    """softmax(z) into `out` and logsumexp(z) [n, 1] for rows z [n, V]: shifted logits (max exactly 0) or, floored,
+    log-probabilities. The log-normaliser comes from max(softmax) = exp(max(z) - lse), a reduction instead of a
+    second exp pass; for shifted logits it is a number of size <= log V, known to ~1e-7."""
+    torch.ops.aten._softmax.out(z, -1, False, out=out)
+    lse = out.amax(-1, keepdim=True).log_().neg_()
+    if floored:
+        lse.add_(z.amax(-1, keepdim=True))
+    if z.shape[-1] > _RENORMALISE_ABOVE:
+        total = out.sum(-1, keepdim=True)
+        out.div_(total)
+        lse.add_(total.log_())
+    return lse
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows read (and gradient rows written) in place
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _try_view(x: torch.Tensor, shape):
+    try:
+        return x.view(shape)
+    except RuntimeError:
+        return None
+
+
+class _Rows:
+    """The N = numel / V rows of a tensor [..., V], addressed in place: a 2-D view [N, V] (of any row stride) when
+    the leading axes merge into one; else segments [B, T, V] of T rows each (the causal-LM shift ``x[:, :-1]`` is
+    one such layout); else (no unit stride along V, or a stranger layout) a contiguous copy."""
+
+    __slots__ = ("flat", "seg", "seg_len", "n")
+
+    def __init__(self, x: torch.Tensor):
+        vocab = x.shape[-1]
+        self.n = x.numel() // vocab if vocab else 0
+        self.seg = self.seg_len = None
+        if x.dim() >= 2 and x.stride(-1) == 1:
+            self.flat = _try_view(x, (-1, vocab))
+            if self.flat is None and x.dim() >= 3:
+                self.seg = _try_view(x, (-1, x.shape[-2], vocab))
+                self.seg_len = x.shape[-2]
+            if self.flat is not None or self.seg is not None:
+                return
+        self.flat = x.reshape(-1, vocab) if x.stride(-1) == 1 else x.contiguous().view(-1, vocab)
+
+    def view(self, block: slice):
+        """Rows block as a view [n, V], or None where they straddle two segments."""
+        if self.seg is None:
+            return self.flat[block]
+        b0, t0 = divmod(block.start, self.seg_len)
+        if block.stop - block.start > self.seg_len - t0:
+            return None
+        return self.seg[b0, t0 : t0 + block.stop - block.start]
+
+    def _index(self, block):
+        if isinstance(block, slice):
+            device = self.flat.device if self.seg is None else self.seg.device
+            return torch.arange(block.start, block.stop, device=device)
+        return block
+
+    def read(self, block):
+        """Rows block (a slice or an index tensor) [n, V]: a view where possible, else a gathered copy."""
+        if isinstance(block, slice):
+            v = self.view(block)
+            if v is not None:
+                return v
+        idx = self._index(block)
+        if self.seg is None:
+            return self.flat.index_select(0, idx)
+        return self.seg[idx // self.seg_len, idx % self.seg_len]
+
+    def write(self, block, values: torch.Tensor):
+        """Rows block = values (cast to this tensor's dtype)."""
+        if isinstance(block, slice):
+            v = self.view(block)
+            if v is not None:
+                v.copy_(values)
+                return
+        idx = self._index(block)
+        if self.seg is None:
+            self.flat.index_copy_(0, idx, values.to(self.flat.dtype))
+        else:
+            self.seg[idx // self.seg_len, idx % self.seg_len] = values.to(self.seg.dtype)
+
+    def fill(self, idx: torch.Tensor, value: float):
+        if self.seg is None:
+            self.flat.index_fill_(0, idx, value)
+        else:
+            self.seg[idx // self.seg_len, idx % self.seg_len] = value
+
+
+def _row_blocks(n_rows: int, rows: torch.Tensor | None, chunk_rows: int, seg_len: int | None = None):
+    """Blocks of rows to compute: a slice where the rows are consecutive, else an index tensor. With segments of
+    seg_len rows at least a chunk long, slices do not straddle two segments (so that they are read in place)."""
     if rows is None:
-        for start in range(0, n_rows, chunk_rows):
-            yield slice(start, min(start + chunk_rows, n_rows))
+        step = seg_len if seg_len is not None and seg_len >= chunk_rows else n_rows
+        for seg_start in range(0, n_rows, max(step, 1)):
+            seg_stop = min(seg_start + step, n_rows)
+            for start in range(seg_start, seg_stop, chunk_rows):
+                yield slice(start, min(start + chunk_rows, seg_stop))
         return
     listed = rows.tolist()
     for start in range(0, len(listed), chunk_rows):
@@ -139,98 +260,37 @@ def _row_blocks(n_rows: int, rows: torch.Tensor | None, chunk_rows: int):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Threads. On CPU the blocks are shared out to torch.get_num_threads() Python threads, each running its torch ops
-# on one core (the ops release the GIL), each taking the next block when it is done with one. Torch's own intra-op
-# threading would split every op of every chunk over the cores and join them again: thousands of fork/joins per
-# call, each of which waits for the slowest core, which costs little on an idle machine but can multiply the time
-# when other processes share the cores. One block per worker needs no join until the end.
+# The engine
 # ---------------------------------------------------------------------------------------------------------------
-
-_local = threading.local()
-_executor: ThreadPoolExecutor | None = None
-_threads_usable: bool | None = None
-
-
-def _omp_set_num_threads():
-    """omp_set_num_threads of the OpenMP runtime loaded in this process (torch's), or None."""
-    if not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info():
-        return None
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if ".so" in line and "/" in line}
-    except OSError:
-        return None
-    torch_dir = os.path.dirname(torch.__file__)
-    # torch's own copy first, where another package has loaded a second OpenMP runtime
-    for path in sorted(paths, key=lambda p: (not p.startswith(torch_dir), p)):
-        if os.path.basename(path).startswith(("libgomp", "libiomp5", "libomp")):
-            try:
-                return ctypes.CDLL(path).omp_set_num_threads
-            except (OSError, AttributeError):
-                continue
-    return None
-
-
-def _init_worker(set_threads):
-    # torch sets a thread's OpenMP team size when the thread first asks for it: ask first, then set it to 1
-    torch.get_num_threads()
-    set_threads(1)
-    _local.single = torch.get_num_threads() == 1
-
-
-def _forget_workers():
-    # a forked child has none of the parent's threads: it starts its own pool when it needs one
-    global _executor, _threads_usable
-    _executor = _threads_usable = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_workers)
-
-
-def _workers() -> ThreadPoolExecutor | None:
-    """The shared pool of single-core worker threads, or None where torch's threads cannot be set per thread."""
-    global _executor, _threads_usable
-    if _threads_usable is None:
-        set_threads = _omp_set_num_threads()
-        if set_threads is not None:
-            _executor = ThreadPoolExecutor(
-                max_workers=max(os.cpu_count() or 1, 2),
-                thread_name_prefix="kdiv",
-                initializer=_init_worker,
-                initargs=(set_threads,),
-            )
-            _threads_usable = _executor.submit(lambda: _local.single).result()
-        else:
-            _threads_usable = False
-    return _executor if _threads_usable else None
 
 
 class _Engine:
-    """Runs one kernel over blocks of rows; every worker reuses one set of chunk buffers for all its blocks."""
+    """Runs one kernel over blocks of rows; every worker reuses one set of chunk buffers for all its blocks.
 
-    def __init__(self, student, teacher, kernel, hyper, temperature, chunk_rows, n_buffer_rows, want_grad, scale):
+    student, teacher: _Rows of the logits; grad_rows: _Rows of the gradient (the rows of `grad`, which may be
+    larger: the base tensor a shifted student is a view of), or None."""
+
+    def __init__(self, student, teacher, kernel, hyper, temperature, chunk_rows, n_buffer_rows, grad_rows, scale):
         self.student, self.teacher, self.kernel, self.hyper = student, teacher, kernel, hyper
-        self.temperature, self.want_grad, self.scale = temperature, want_grad, scale
-        self.dtype = _compute_dtype(student, teacher)
+        self.temperature, self.grad_rows, self.scale = temperature, grad_rows, scale
+        self.want_grad = grad_rows is not None
+        self.vocab = student.flat.shape[-1] if student.seg is None else student.seg.shape[-1]
+        self.device = student.flat.device if student.seg is None else student.seg.device
+        s_dtype = (student.flat if student.seg is None else student.seg).dtype
+        t_dtype = (teacher.flat if teacher.seg is None else teacher.seg).dtype
+        self.dtypes = (s_dtype, t_dtype)
+        self.dtype = torch.float64 if torch.float64 in self.dtypes else torch.float32
+        self.grad_dtype = (
+            None if grad_rows is None else (grad_rows.flat if grad_rows.seg is None else grad_rows.seg).dtype
+        )
         self.buffer_rows = max(1, min(chunk_rows, n_buffer_rows))
-        self.grad = None
-        if want_grad:
-            # (advising this tensor's pages as transparent huge pages, as THP_MEM_ALLOC_ENABLE=1 does, made the
-            # first touch 3x cheaper in isolation but the whole call 1.5x slower right after another large tensor
-            # was freed, as in the benchmark: not done)
-            self.grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        self.overflow = torch.zeros((), dtype=torch.bool, device=self.device)
 
     def _buffers(self):
-        """A worker's chunk buffers: q, p, the two scaled logits (when they cannot be views of the inputs), the
-        gradient block (when it cannot be written in place), the dot product's, the kernel's scratch; one
-        allocation, cut into views once per block size."""
+        """A worker's chunk buffers: q, p, the two shifted logits, the gradient block (when it cannot be written in
+        place), the dot product's, the kernel's scratch; one allocation, cut into views once per block size."""
         pool = torch.empty(
-            _FIXED_BUFFERS + MAX_SCRATCH,
-            self.buffer_rows,
-            self.student.shape[1],
-            dtype=self.dtype,
-            device=self.student.device,
+            _FIXED_BUFFERS + MAX_SCRATCH, self.buffer_rows, self.vocab, dtype=self.dtype, device=self.device
         )
         cache = {}
 
@@ -243,11 +303,11 @@ class _Engine:
         return views
 
     def run(self, blocks, loss, floored=False):
-        """Every block of rows: loss into loss[block], gradient into self.grad; on worker threads where the inputs
-        are on the CPU and there are blocks enough."""
+        """Every block of rows: loss into loss[block], gradient into the gradient rows; on worker threads where the
+        inputs are on the CPU and there are blocks enough."""
         blocks = list(blocks)
-        n_threads = min(torch.get_num_threads(), len(blocks))
-        pool = _workers() if n_threads > 1 and self.student.device.type == "cpu" else None
+        n_threads = min(workers.n_workers(), len(blocks))
+        pool = workers.pool() if n_threads > 1 and self.device.type == "cpu" else None
         if pool is None:
             buffers = self._buffers()
             for block in blocks:
@@ -268,79 +328,109 @@ class _Engine:
         for future in [pool.submit(work) for _ in range(n_threads)]:
             future.result()
 
-    def _logits(self, x, block, buf, floored):
-        """x[block] as compute-dtype logits / T: a view of x when nothing needs converting, else in `buf`."""
-        if isinstance(block, slice):
-            src = x[block]
-            if src.dtype == self.dtype and self.temperature == 1.0 and not floored:
-                return src
+    def _logits(self, rows, block, buf, floored):
+        """Rows `block` of the logits as compute-dtype (x - max x) / T in `buf`; on the floored path, the
+        log-probabilities with -inf raised to LOG_FLOOR."""
+        src = rows.read(block)
+        if floored:
             buf.copy_(src)
-        elif x.dtype == self.dtype:
-            torch.index_select(x, 0, block, out=buf)
-        else:
-            buf.copy_(x.index_select(0, block))
+            if self.temperature != 1.0:
+                buf.div_(self.temperature)
+            logp = torch.log_softmax(buf, -1)
+            # a finite logit whose distance to its row's maximum overflows has no float32 log-probability: noted
+            # on the device (no host sync per chunk), raised after the loop
+            self.overflow |= (torch.isneginf(logp) & torch.isfinite(buf)).any()
+            # used as logits: softmax gives the probabilities back (a floored token gets probability float32
+            # tiny) and every log term stays finite
+            return buf.copy_(logp.nan_to_num_(nan=0.0, posinf=0.0, neginf=LOG_FLOOR))
+        # Shifting by the row maximum is exact (x and max x are floats of one row) and makes every log-ratio the
+        # kernels form a difference of log-probability-sized numbers: an offset c between the two models' logits
+        # would otherwise cost ~eps * c in every term (1e-3 relative at c = 1e4 in float32).
+        top = src.amax(-1, keepdim=True)
+        if src.dtype == self.dtype:
+            torch.sub(src, top, out=buf)
+        else:  # convert first: the subtraction in bf16 would round
+            buf.copy_(src).sub_(top.to(self.dtype))
         if self.temperature != 1.0:
             buf.div_(self.temperature)
-        if floored:
-            # log-probabilities with -inf raised to LOG_FLOOR, used as logits: softmax gives the probabilities
-            # back (a floored token gets probability float32 tiny) and every log term stays finite
-            buf.copy_(torch.log_softmax(buf, -1).nan_to_num_(nan=0.0, posinf=0.0, neginf=LOG_FLOOR))
         return buf
 
     def run_block(self, block, buffers, loss, floored=False):
-        """Loss of the rows `block` (a slice or an index tensor) into loss[block], gradient into self.grad."""
+        """Loss of the rows `block` (a slice or an index tensor) into loss[block], gradient into the gradient rows."""
         n = (block.stop - block.start) if isinstance(block, slice) else block.numel()
         q, p, zs_buf, zt_buf, grad_buf, dot_buf, scratch = buffers(n)
         zs = self._logits(self.student, block, zs_buf, floored)
         zt = self._logits(self.teacher, block, zt_buf, floored)
-        torch.ops.aten._softmax.out(zs, -1, False, out=q)
-        torch.ops.aten._softmax.out(zt, -1, False, out=p)
-        grad, direct = None, False
+        lse_s, lse_t = _softmax(zs, q, floored), _softmax(zt, p, floored)
+        grad, direct = None, None
         if self.want_grad:
-            # fp32 gradient rows that are consecutive are written in place; others go through a buffer
-            direct = isinstance(block, slice) and self.grad.dtype == self.dtype
-            grad = self.grad[block] if direct else grad_buf
-        chunk = Chunk(zs, zt, q, p, grad, self.scale, scratch, dot_buf, floored)
-        loss[block] = self.kernel(chunk, **self.hyper)
+            # compute-dtype gradient rows that can be viewed are written in place; others go through a buffer
+            if isinstance(block, slice) and self.grad_dtype == self.dtype:
+                direct = self.grad_rows.view(block)
+            grad = grad_buf if direct is None else direct
+        chunk = Chunk(zs, zt, q, p, grad, self.scale, scratch, dot_buf, floored, lse_s, lse_t)
+        # every divergence is >= 0: a rounding error below 0 (q ~ p) is clamped, not returned
+        loss[block] = self.kernel(chunk, **self.hyper).clamp_min_(0.0)
         if floored and grad is not None:
             # The kernel differentiated with respect to the floored log-probabilities as if they were free logits.
             # A floored entry is a constant, and the others are z - logsumexp(z) with the floored tokens out of
             # the sum: chain rule, grad_w = g_w - q_w * sum_{u not floored} g_u = g_w + q_w * sum_{v floored} g_v
             # (g sums to 0 over the row), and 0 at the floored tokens.
-            floor = torch.isneginf(self.student[block]).to(self.dtype)
+            floor = torch.isneginf(self.student.read(block)).to(self.dtype)
             torch.addcmul(grad, q, chunk.dot(grad, floor).unsqueeze(-1), out=grad)
             grad.mul_(floor.sub_(1).neg_())
-        if grad is not None and not direct:
-            if isinstance(block, slice):
-                self.grad[block] = grad
-            else:
-                self.grad.index_copy_(0, block, grad.to(self.grad.dtype))
+        if grad is not None and direct is None:
+            self.grad_rows.write(block, grad)
 
 
 def _check_rows(student, teacher, rows):
-    """ValueError for NaN / +inf, or all -inf, among the given rows of either logits."""
+    """ValueError for NaN / +inf, or all -inf, among the given rows of either logits (_Rows)."""
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
-        m = x.index_select(0, rows).amax(-1)
+        m = x.read(rows).amax(-1)
         if bool((torch.isnan(m) | (m == math.inf)).any()):
             raise ValueError(f"{name} contains NaN or +inf")
         if bool((m == -math.inf).any()):
             raise ValueError(f"{name} has a counted token whose logits are all -inf")
 
 
-def _chunked_pass(student, teacher, counted, kernel, hyper, temperature, chunk_rows, want_grad, scale):
-    """Per-row loss [N] (compute dtype, 0 where not counted) and, if `want_grad`, the gradient [N, V] (student's
-    dtype) times `scale`, one block of rows at a time. Raises ValueError on NaN/+inf or all -inf counted rows."""
-    n_rows = student.shape[0]
+class _Gradient:
+    """The gradient tensor a call returns and the _Rows its rows are written through.
+
+    For a student that is a full-row view of a larger contiguous tensor (the causal shift ``logits[:, :-1]``,
+    ``geometry`` given), the gradient is of the base's shape: the view's rows are written in place and the other
+    rows zeroed, so that autograd gets the base's gradient without a second tensor of that size (through the view
+    it would allocate the base's gradient and copy this one into it)."""
+
+    def __init__(self, target, student, geometry, dtype):
+        self.full = torch.empty(target.shape, dtype=dtype, device=target.device)
+        if geometry is None:
+            self.view = self.full
+        else:
+            size, stride, offset, uncovered = geometry
+            self.view = self.full.as_strided(size, stride, self.full.storage_offset() + offset)
+            if uncovered is not None:
+                self.full.view(-1, target.shape[-1]).index_fill_(0, uncovered, 0)
+        self.rows = _Rows(self.view)
+
+
+def _chunked_pass(target, geometry, teacher, counted, kernel, hyper, temperature, chunk_rows, want_grad, scale):
+    """Per-row loss [N] (compute dtype, 0 where not counted) and, if `want_grad`, the gradient (a _Gradient,
+    student's dtype) times `scale`, one block of rows at a time. Raises ValueError on NaN/+inf or all -inf counted
+    rows."""
+    student = target if geometry is None else target.as_strided(*geometry[:2], target.storage_offset() + geometry[2])
+    s_rows, t_rows = _Rows(student), _Rows(teacher)
+    n_rows = s_rows.n
     rows = None
     if counted is not None and not bool(counted.all()):
         rows = counted.nonzero().squeeze(1)
     n_work = n_rows if rows is None else rows.numel()
-    engine = _Engine(student, teacher, kernel, hyper, temperature, chunk_rows, n_work, want_grad, scale)
-    dtype = engine.dtype
-    loss = torch.zeros(n_rows, dtype=dtype, device=student.device)
-    if engine.grad is not None and rows is not None:
-        engine.grad.index_fill_(0, (~counted).nonzero().squeeze(1), 0)
-    engine.run(_row_blocks(n_rows, rows, chunk_rows), loss)
+    gradient = _Gradient(target, student, geometry, student.dtype) if want_grad else None
+    engine = _Engine(s_rows, t_rows, kernel, hyper, temperature, chunk_rows, n_work, gradient and gradient.rows, scale)
+    loss = torch.zeros(n_rows, dtype=engine.dtype, device=engine.device)
+    if gradient is not None and rows is not None:
+        gradient.rows.fill((~counted).nonzero().squeeze(1), 0)
+    seg_len = s_rows.seg_len if t_rows.seg_len in (None, s_rows.seg_len) else None
+    engine.run(_row_blocks(n_rows, rows, chunk_rows, seg_len), loss)
 
     # rows whose fast-path loss is not finite hold a -inf logit, or a probability that underflows where a kernel
     # divides by it: compute them again on the floored path, where kernels do neither
@@ -348,28 +438,40 @@ def _chunked_pass(student, teacher, counted, kernel, hyper, temperature, chunk_r
     bad = ~torch.isfinite(loss)
     if bool(bad.any()):
         bad_rows = bad.nonzero().squeeze(1)
-        _check_rows(student, teacher, bad_rows)
+        _check_rows(s_rows, t_rows, bad_rows)
         engine.run(_row_blocks(n_rows, bad_rows, chunk_rows), loss, floored=True)
-    return loss, engine.grad
+        if bool(engine.overflow):
+            raise ValueError(
+                "logits whose spread within a row exceeds the float32 range (~3e38) cannot be computed in float32; "
+                "pass float64 logits"
+            )
+        if not bool(torch.isfinite(loss).all()):
+            raise ValueError(
+                "the divergence of finite logits overflows float32 (logits of magnitude ~1e38 within a row); "
+                "pass float64 logits"
+            )
+    return loss, gradient
 
 
 class _ChunkedRowLoss(torch.autograd.Function):
-    """The reduced loss ([] for "mean"/"sum", [N] for "none") of a row kernel over logits [N, V]; gradient with
-    respect to the student only."""
+    """The reduced loss ([] for "mean"/"sum", [N] for "none") of a row kernel over logits [..., V]; gradient with
+    respect to the student only (or to the base tensor the student is a row view of: see _Gradient)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, counted, kernel, hyper, temperature, chunk_rows, reduction):
+    def forward(ctx, target, teacher, counted, geometry, kernel, hyper, temperature, chunk_rows, reduction):
         want_grad = ctx.needs_input_grad[0]
-        n_counted = student.shape[0] if counted is None else int(counted.sum())
+        n_rows = (target.numel() if geometry is None else math.prod(geometry[0])) // max(teacher.shape[-1], 1)
+        n_counted = n_rows if counted is None else int(counted.sum())
         # the gradient of the reduced loss, already weighted, so that a plain loss.backward() only hands it on
         weight = 1.0 / max(n_counted, 1) if reduction == "mean" else 1.0
         scale = weight / temperature
-        loss, grad = _chunked_pass(student, teacher, counted, kernel, hyper, temperature, chunk_rows, want_grad, scale)
+        args = (kernel, hyper, temperature, chunk_rows)
+        loss, grad = _chunked_pass(target, geometry, teacher, counted, *args, want_grad, scale)
         # The gradient is kept as an attribute, not through save_for_backward, so that backward can hand it on (or
         # scale it in place): no second [N, V] tensor. A further backward (retain_graph=True) recomputes it.
         ctx.grad = grad
-        ctx.save_for_backward(student, teacher, counted)
-        ctx.args = (kernel, hyper, temperature, chunk_rows, scale, reduction)
+        ctx.save_for_backward(target, teacher, counted)
+        ctx.args = (geometry, *args, scale, reduction)
         if reduction == "none":
             return loss
         total = loss.sum()
@@ -385,30 +487,77 @@ class _ChunkedRowLoss(torch.autograd.Function):
                 "their gradient is computed in closed form"
             )
         grad, ctx.grad = ctx.grad, None
-        kernel, hyper, temperature, chunk_rows, scale, reduction = ctx.args
+        geometry, kernel, hyper, temperature, chunk_rows, scale, reduction = ctx.args
         if grad is None:
-            student, teacher, counted = ctx.saved_tensors
-            _, grad = _chunked_pass(student, teacher, counted, kernel, hyper, temperature, chunk_rows, True, scale)
+            target, teacher, counted = ctx.saved_tensors
+            args = (kernel, hyper, temperature, chunk_rows, True, scale)
+            _, grad = _chunked_pass(target, geometry, teacher, counted, *args)
         if reduction == "none":
-            grad.mul_(grad_out.to(grad.dtype).unsqueeze(-1))
+            grad.view.mul_(grad_out.to(grad.full.dtype).reshape(grad.view.shape[:-1]).unsqueeze(-1))
         elif grad_out.device.type != "cpu" or float(grad_out) != 1.0:
             # on CUDA, multiply rather than read grad_out back to the host
-            grad.mul_(grad_out.to(grad.dtype))
-        return grad, None, None, None, None, None, None, None
+            grad.full.mul_(grad_out.to(grad.full.dtype))
+        return grad.full, None, None, None, None, None, None, None, None
 
 
+def _base_geometry(x: torch.Tensor):
+    """(size, stride, offset, uncovered rows) of x as full rows of the contiguous tensor it is a view of, where
+    giving that base the gradient costs at most ~1.1x x's own (the causal shift x = logits[:, :-1]); else None."""
+    base = x._base
+    if base is None or x.grad_fn is None or not base.requires_grad or not base.is_contiguous() or x.dim() < 2:
+        return None
+    vocab = x.shape[-1]
+    if base.dim() < 1 or base.shape[-1] != vocab or x.stride(-1) != 1 or base.numel() * 10 > x.numel() * 11:
+        return None
+    offset = x.storage_offset() - base.storage_offset()
+    if offset % vocab or any(s % vocab for s in x.stride()[:-1]):
+        return None
+    # the base row of each of x's rows: must be distinct (an overlapping as_strided view is not a row view)
+    row = torch.full((), offset // vocab, dtype=torch.long)
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1], strict=True):
+        row = row.unsqueeze(-1) + torch.arange(size) * (stride // vocab)
+    row = row.reshape(-1)
+    covered = torch.zeros(base.numel() // vocab, dtype=torch.bool)
+    covered[row] = True
+    if int(covered.sum()) != row.numel():
+        return None
+    uncovered = (~covered).nonzero().squeeze(1)
+    uncovered = uncovered.to(x.device) if uncovered.numel() else None
+    return tuple(x.shape), tuple(x.stride()), offset, uncovered
+
+
+@torch.compiler.disable
 def rowwise_divergence(kernel, student_logits, teacher_logits, *, temperature, mask, reduction, chunk_size, hyper):
-    """Validate the arguments, run `kernel` chunk by chunk, reduce. The body of every token-level divergence."""
+    """Validate the arguments, run `kernel` chunk by chunk, reduce. The body of every token-level divergence.
+
+    Under torch.compile this is a graph break (it runs eagerly, its own threads and closed-form gradient intact);
+    torch.func transforms are refused with a RuntimeError (the gradient is not an autograd graph they can see)."""
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            "kdiv's token-level divergences do not support torch.func transforms (grad, vmap, jacrev, ...): their "
+            "gradient is computed in closed form inside the call; use loss.backward() / torch.autograd.grad, or the "
+            "plain autograd versions in kdiv.testing.plain"
+        )
     check_logits(student_logits, teacher_logits)
     temperature = check_positive("temperature", temperature)
     reduction = check_reduction(reduction)
     batch_shape = student_logits.shape[:-1]
     mask = check_mask(mask, batch_shape, student_logits.device)
     vocab = student_logits.shape[-1]
-    student = student_logits.reshape(-1, vocab)
-    teacher = teacher_logits.detach().reshape(-1, vocab)
+    teacher = teacher_logits.detach()
     counted = None if mask is None else mask.reshape(-1)
-    n_rows = student.shape[0]
-    chunk_rows = auto_chunk_rows(n_rows, vocab) if chunk_size is None else check_positive_int("chunk_size", chunk_size)
-    out = _ChunkedRowLoss.apply(student, teacher, counted, kernel, hyper, temperature, chunk_rows, reduction)
+    n_rows = student_logits.numel() // vocab
+    if chunk_size is None:
+        chunk_rows = auto_chunk_rows(n_rows, vocab, student_logits.device)
+    else:
+        chunk_rows = check_positive_int("chunk_size", chunk_size)
+    # with grad mode off (torch.no_grad, inference_mode: a loss only logged) no gradient is computed or allocated
+    needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    target, geometry = student_logits if needs_grad else student_logits.detach(), None
+    if needs_grad:
+        geometry = _base_geometry(student_logits)
+        if geometry is not None:
+            target = student_logits._base
+    args = (kernel, hyper, temperature, chunk_rows, reduction)
+    out = _ChunkedRowLoss.apply(target, teacher, counted, geometry, *args)
     return out.reshape(batch_shape) if reduction == "none" else out
