@@ -153,6 +153,8 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in blocked:
             raise ImportError(f"blocked: {name}")
 
+# torch's compiler probes optional packages with find_spec (it imports none of them): let it do so first
+import torch._dynamo
 for name in list(sys.modules):
     if name.split(".")[0] in blocked:
         del sys.modules[name]

@@ -54,7 +54,8 @@ import torch
 
 from ..core import kernels as K
 from ..core.checks import check_logits, check_mask, check_positive, check_reduction
-from ..core.engine.chunked import _workers, auto_chunk_rows, rowwise_divergence
+from ..core.engine import workers
+from ..core.engine.chunked import auto_chunk_rows, rowwise_divergence
 from ..core.headtail import head_threshold
 
 __all__ = ["TopK", "TREATMENTS", "topk_divergence", "topk_from_logits"]
@@ -151,10 +152,10 @@ def _run_blocks(n_rows, vocab, device, work):
     threads (see :mod:`kdiv.core.engine.chunked`: torch's own intra-op threads fork and join on every op of every
     chunk, which costs many times the work when other processes share the cores). ``buffers``: a per-worker dict
     that `work` keeps its chunk buffers in."""
-    step = auto_chunk_rows(n_rows, vocab)
+    step = auto_chunk_rows(n_rows, vocab, device)
     blocks = [slice(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
-    n_threads = min(torch.get_num_threads(), len(blocks))
-    pool = _workers() if n_threads > 1 and device.type == "cpu" else None
+    n_threads = min(workers.n_workers(), len(blocks))
+    pool = workers.pool() if n_threads > 1 and device.type == "cpu" else None
     if pool is None:
         buffers = {}
         for rows in blocks:
