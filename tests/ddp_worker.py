@@ -39,31 +39,37 @@ def full_batch_gradient():
 
 
 def run(rank: int, world_size: int, port: int, out_dir: str):
-    """This rank's gradient under both recipes, saved to out_dir/grad{rank}.pt as {recipe: gradient}."""
+    """This rank's gradient under both recipes, saved to out_dir/grad{rank}.pt, in a process group of its own."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
     try:
-        student = torch.nn.parallel.DistributedDataParallel(tiny_lm(1))
-        teacher = tiny_lm(0)
-        ids, labels = data()
-        ids, labels = ids[rank::world_size], labels[rank::world_size]  # this rank's rows
-        loss_fn = kdiv.DistillationLoss("forward_kl", kd_ratio=0.5)
-        with torch.no_grad():
-            teacher_logits = teacher(ids)
-        grads = {}
-        for recipe in ("num_items", "naive"):
-            student.zero_grad()
-            if recipe == "num_items":
-                # --- snippet: data parallel ---
-                n_items = (labels[:, 1:] != -100).sum()  # this rank's counted tokens ...
-                dist.all_reduce(n_items)  # ... and then every rank's
-                # DDP averages the ranks' gradients: each rank's share of the global mean is scaled back up
-                loss = loss_fn(student(ids), teacher_logits, labels, num_items_in_batch=n_items).loss * world_size
-                # --- end ---
-            else:  # each rank's own mean, averaged by DDP
-                loss = loss_fn(student(ids), teacher_logits, labels).loss
-            loss.backward()
-            grads[recipe] = torch.cat([p.grad.flatten() for p in student.module.parameters()])
-        torch.save(grads, os.path.join(out_dir, f"grad{rank}.pt"))
+        run_in_group(rank, world_size, out_dir)
     finally:
         dist.destroy_process_group()
+
+
+def run_in_group(rank: int, world_size: int, out_dir: str):
+    """This rank's gradient under both recipes, saved to out_dir/grad{rank}.pt as {recipe: gradient}; the default
+    process group is already initialised."""
+    student = torch.nn.parallel.DistributedDataParallel(tiny_lm(1))
+    teacher = tiny_lm(0)
+    ids, labels = data()
+    ids, labels = ids[rank::world_size], labels[rank::world_size]  # this rank's rows
+    loss_fn = kdiv.DistillationLoss("forward_kl", kd_ratio=0.5)
+    with torch.no_grad():
+        teacher_logits = teacher(ids)
+    grads = {}
+    for recipe in ("num_items", "naive"):
+        student.zero_grad()
+        if recipe == "num_items":
+            # --- snippet: data parallel ---
+            n_items = (labels[:, 1:] != -100).sum()  # this rank's counted tokens ...
+            dist.all_reduce(n_items)  # ... and then every rank's
+            # DDP averages the ranks' gradients: each rank's share of the global mean is scaled back up
+            loss = loss_fn(student(ids), teacher_logits, labels, num_items_in_batch=n_items).loss * world_size
+            # --- end ---
+        else:  # each rank's own mean, averaged by DDP
+            loss = loss_fn(student(ids), teacher_logits, labels).loss
+        loss.backward()
+        grads[recipe] = torch.cat([p.grad.flatten() for p in student.module.parameters()])
+    torch.save(grads, os.path.join(out_dir, f"grad{rank}.pt"))

@@ -69,9 +69,11 @@ def test_data_parallel_recipe_on_two_gloo_ranks(tmp_path):
     # times the world size, DDP's averaged gradient is the full batch's; each rank's own mean is not. A rank that
     # raises makes spawn raise here (and the 60 s process-group timeout bounds a rank left waiting).
     import ddp_worker
-    import torch.multiprocessing as mp
+    from kdiv.testing.distributed import run_ranks
 
-    mp.spawn(ddp_worker.run, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    # run_ranks bounds the whole run (a rank that hangs fails the test instead of stalling the suite)
+    outcomes = run_ranks(ddp_worker.run_in_group, 2, str(tmp_path), timeout=120.0, collective_timeout=60.0)
+    assert [status for status, _ in outcomes] == ["ok", "ok"], outcomes
     want = ddp_worker.full_batch_gradient()
     for rank in range(2):
         grads = torch.load(tmp_path / f"grad{rank}.pt")
