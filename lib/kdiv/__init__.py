@@ -8,6 +8,7 @@ all, :mod:`kdiv.core.divergences`), optimal transport (:mod:`kdiv.core.transport
 
 from .core import headtail as headtail
 from .core import transport as transport
+from .core.checks import KdivWarning
 from .core.distillation_loss import DistillationLoss, DistillationLossOutput
 from .core.divergences import *  # noqa: F403  (every registered divergence, and mask_from_labels)
 from .core.divergences import __all__ as _divergence_names
@@ -35,6 +36,7 @@ __all__ = [
     "DistillationLoss",
     "DistillationLossOutput",
     "DivergenceSpec",
+    "KdivWarning",
     "Hyper",
     "SPECS",
     "TOKEN_LEVEL",

@@ -29,6 +29,8 @@ and their ranges, label, colour, marker, closed-form gradient coefficient) and r
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import kernels as K
@@ -291,4 +293,6 @@ def mask_from_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Te
     """
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError("labels must be an integer torch.Tensor")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index must be an int (the label of tokens that do not count), got {ignore_index!r}")
     return labels != ignore_index

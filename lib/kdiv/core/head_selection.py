@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .engine.chunked import Scratch
-from .headtail import head_threshold
+from .headtail import threshold as head_threshold  # the unchecked form: rows come from the engine's softmax
 
 __all__ = ["head_threshold_rows", "head_weight", "akl_weights"]
 

@@ -23,18 +23,38 @@ from .checks import check_open_unit
 __all__ = ["head_threshold", "head_mask", "head_tail_error"]
 
 
-def _check_probs(name: str, x) -> None:
+# Rows must sum to 1 within this (summed in float64), looser for half-precision probabilities.
+_SUM_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
+_DEFAULT_SUM_TOL = 1e-3
+
+
+def check_probabilities(name: str, x) -> None:
+    """x is a floating tensor [..., V], V >= 1, of probabilities: no NaN, none negative or above 1, each row summing
+    to 1; otherwise a ValueError naming the argument (and saying so where x looks like logits)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
         raise ValueError(f"{name} must be a floating torch.Tensor of shape [..., V] (probabilities)")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
+    if x.numel() == 0:
+        return
+    low, high, nan = torch.stack([x.min().double(), x.max().double(), x.isnan().any().double()]).tolist()
+    if nan:
+        raise ValueError(f"{name} contains NaN")
+    if low < 0 or high > 1:
+        raise ValueError(
+            f"{name} must hold probabilities in [0, 1], got values in [{low:.3g}, {high:.3g}]: logits? pass "
+            f"softmax(logits, -1)"
+        )
+    error = (x.sum(-1, dtype=torch.float64) - 1).abs().max().item()
+    tol = _SUM_TOL.get(x.dtype, _DEFAULT_SUM_TOL)
+    if error > tol:
+        raise ValueError(
+            f"{name} must be probability rows that sum to 1, but a row's sum is off by {error:.3g} (more than {tol:g})"
+        )
 
 
-def head_threshold(teacher_probs: torch.Tensor, mu: float = 0.5) -> torch.Tensor:
-    """The smallest teacher probability that is still in the head, per row.
-
-    Shapes: teacher_probs [..., V] -> [...]. The head is ``teacher_probs >= head_threshold(teacher_probs, mu)``.
-    """
-    _check_probs("teacher_probs", teacher_probs)
-    mu = check_open_unit("mu", mu)
+def threshold(teacher_probs: torch.Tensor, mu: float) -> torch.Tensor:
+    """:func:`head_threshold` without the argument checks, for callers that made sure of them (the engine)."""
     with torch.no_grad():
         values, _ = teacher_probs.sort(dim=-1, descending=True)
         mass = values.cumsum(dim=-1)
@@ -45,6 +65,16 @@ def head_threshold(teacher_probs: torch.Tensor, mu: float = 0.5) -> torch.Tensor
         mass = mass.gather(-1, last_of_group)
         n_head = (mass <= mu).sum(dim=-1, keepdim=True).clamp_min(1)
         return values.gather(-1, n_head - 1).squeeze(-1)
+
+
+def head_threshold(teacher_probs: torch.Tensor, mu: float = 0.5) -> torch.Tensor:
+    """The smallest teacher probability that is still in the head, per row.
+
+    Shapes: teacher_probs [..., V] -> [...]. The head is ``teacher_probs >= head_threshold(teacher_probs, mu)``.
+    ``teacher_probs`` must be probabilities (rows in [0, 1] summing to 1): a ValueError otherwise.
+    """
+    check_probabilities("teacher_probs", teacher_probs)
+    return threshold(teacher_probs, check_open_unit("mu", mu))
 
 
 def head_mask(teacher_probs: torch.Tensor, mu: float = 0.5) -> torch.Tensor:
@@ -63,7 +93,7 @@ def head_tail_error(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mu
     Reference: Wu et al., "Rethinking Kullback-Leibler Divergence in Knowledge Distillation for Large Language
     Models", COLING 2025 (arXiv 2404.02657), Eq. 8-9.
     """
-    _check_probs("student_probs", student_probs)
+    check_probabilities("student_probs", student_probs)
     if student_probs.shape != teacher_probs.shape:
         raise ValueError(
             f"student_probs and teacher_probs must have the same shape, got "

@@ -215,3 +215,14 @@ def akl_rows(c, *, mu):
     if c.grad is not None:
         _mix_kl_grad(c, d, k, rkl, w_head, w_tail)
     return w_head.squeeze(-1) * fkl + w_tail.squeeze(-1) * rkl
+
+
+# Kernels with a reverse-KL term sum_v q_v log(q_v / p_v), +inf wherever the teacher has p_v = 0 (a -inf logit) and
+# the student mass: on the floored path that term is finite but dominated by the floor (about 87 q_v per token), and
+# the engine warns when the teacher looks like a top-k teacher padded with -inf. Values: which hyper-parameters
+# give the kernel such a term.
+REVERSE_TERM = {
+    reverse_kl_rows: lambda hyper: True,
+    symmetric_kl_rows: lambda hyper: hyper["w"] > 0,
+    akl_rows: lambda hyper: True,
+}

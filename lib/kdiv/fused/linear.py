@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.checks import check_mask, check_positive, check_positive_int, check_reduction
+from ..core.checks import check_mask, check_positive, check_positive_int, check_reduction, warn_if_swapped
 from ..core.registry import spec as _spec
 
 __all__ = ["fused_linear", "FUSED_CHUNK_ELEMENTS", "auto_fused_chunk_rows"]
@@ -292,6 +292,11 @@ def fused_linear(
     temperature = check_positive("temperature", temperature)
     reduction = check_reduction(reduction)
     mask = check_mask(mask, batch_shape, student_hidden.device)
+    warn_if_swapped(
+        (student_hidden, student_weight, student_bias),
+        (teacher_hidden, teacher_weight, teacher_bias),
+        "the teacher's hidden states or head require grad but none of the student's inputs does",
+    )
     sh = student_hidden.reshape(-1, student_hidden.shape[-1])
     th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     n_rows, vocab = sh.shape[0], student_weight.shape[0]

@@ -22,7 +22,15 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..core.checks import REDUCTIONS, check_logits, check_mask, check_positive, check_positive_int, check_reduction
+from ..core.checks import (
+    REDUCTIONS,
+    check_logits,
+    check_mask,
+    check_positive,
+    check_positive_int,
+    check_reduction,
+    warn_on_misuse,
+)
 from ..core.engine.chunked import LOG_FLOOR
 from ..core.spec import SPECS
 from .head import head_threshold_sharded
@@ -88,6 +96,7 @@ def _local_call(name, student, teacher, temperature, mask, reduction, chunk_size
     reduction = check_reduction(reduction)
     batch_shape = student.shape[:-1]
     mask = check_mask(mask, batch_shape, student.device)
+    warn_on_misuse(student, teacher)  # swapped arguments (a shard of probabilities does not sum to 1: not seen)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
     dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32

@@ -53,10 +53,10 @@ import threading
 import torch
 
 from ..core import kernels as K
-from ..core.checks import check_logits, check_mask, check_positive, check_reduction
+from ..core.checks import check_logits, check_mask, check_positive, check_reduction, warn_on_misuse
 from ..core.engine import workers
 from ..core.engine.chunked import auto_chunk_rows, rowwise_divergence
-from ..core.headtail import head_threshold
+from ..core.headtail import threshold as head_threshold  # unchecked: the k ids' mass is below 1
 
 __all__ = ["TopK", "TREATMENTS", "topk_divergence", "topk_from_logits"]
 
@@ -385,6 +385,7 @@ def topk_divergence(kernel, student_logits, teacher_logits, *, temperature, mask
     reduction = check_reduction(reduction)
     batch_shape = student_logits.shape[:-1]
     mask = check_mask(mask, batch_shape, student_logits.device)
+    warn_on_misuse(student_logits, None)
     vocab = student_logits.shape[-1]
     student = student_logits.reshape(-1, vocab)
     counted = None if mask is None else mask.reshape(-1)

@@ -48,7 +48,7 @@ import threading
 
 import torch
 
-from ..checks import check_logits, check_mask, check_positive, check_positive_int, check_reduction
+from ..checks import check_logits, check_mask, check_positive, check_positive_int, check_reduction, warn, warn_on_misuse
 from . import workers
 
 # A log-probability of -inf (a -inf logit: a token outside the vocabulary) is replaced by log of the smallest
@@ -393,6 +393,32 @@ def _check_rows(student, teacher, rows):
             raise ValueError(f"{name} has a counted token whose logits are all -inf")
 
 
+# A teacher row that is -inf on at least this share of the vocabulary looks like a top-k teacher padded with -inf.
+_PADDED_SHARE = 0.9
+
+
+def _warn_if_padded_topk(kernel, hyper, teacher, bad_rows):
+    """A KdivWarning when a divergence with a reverse-KL term (kernels.REVERSE_TERM) is run against a teacher that is
+    -inf on most of some row's vocabulary: the value is then mostly the floor (87.34 per unit of the student's mass
+    outside the teacher's support), not a divergence. A few of the floored rows are read."""
+    from ..kernels import REVERSE_TERM  # the kernels import this module
+
+    reverse = REVERSE_TERM.get(kernel)
+    if reverse is None or not reverse(hyper):
+        return
+    share = torch.isneginf(teacher.read(bad_rows[:8])).float().mean(-1).max().item()
+    if share >= _PADDED_SHARE:
+        name = getattr(kernel, "__name__", "this divergence").removesuffix("_rows")
+        warn(
+            f"teacher_logits is -inf on {share:.0%} of a row's vocabulary (a top-k teacher padded with -inf?): "
+            f"{name} has a reverse-KL term, +inf against such a teacher wherever the student has mass; kdiv floors "
+            f"the teacher's log-probabilities at {LOG_FLOOR:.2f} (float32 tiny), so the value is dominated by about "
+            f"{-LOG_FLOOR:.0f} x the student's mass outside the teacher's ids. Pass the top-k teacher itself: "
+            "kdiv.topk_from_logits(teacher_logits, k) or kdiv.TopK(indices, logprobs), treatment 'tail' (default) "
+            "or 'renorm'."
+        )
+
+
 class _Gradient:
     """The gradient tensor a call returns and the _Rows its rows are written through.
 
@@ -440,6 +466,7 @@ def _chunked_pass(target, geometry, teacher, counted, kernel, hyper, temperature
         bad_rows = bad.nonzero().squeeze(1)
         _check_rows(s_rows, t_rows, bad_rows)
         engine.run(_row_blocks(n_rows, bad_rows, chunk_rows), loss, floored=True)
+        _warn_if_padded_topk(kernel, hyper, t_rows, bad_rows)
         if bool(engine.overflow):
             raise ValueError(
                 "logits whose spread within a row exceeds the float32 range (~3e38) cannot be computed in float32; "
@@ -543,6 +570,7 @@ def rowwise_divergence(kernel, student_logits, teacher_logits, *, temperature, m
     reduction = check_reduction(reduction)
     batch_shape = student_logits.shape[:-1]
     mask = check_mask(mask, batch_shape, student_logits.device)
+    warn_on_misuse(student_logits, teacher_logits)
     vocab = student_logits.shape[-1]
     teacher = teacher_logits.detach()
     counted = None if mask is None else mask.reshape(-1)
