@@ -182,6 +182,9 @@ def bad_inputs(rank, world):
         "shape on rank 0": lambda g: kdiv.akl(s[:3] if rank == 0 else s, t, vocab_group=g),
         "NaN on the last rank": lambda g: kdiv.akl(nan, t, vocab_group=g),
         "teacher all -inf": lambda g: kdiv.skew_kl(s, all_inf, vocab_group=g),
+        "top-k teacher": lambda g: kdiv.forward_kl(
+            s, kdiv.TopK(t.topk(2).indices, t.log_softmax(-1).topk(2).values), vocab_group=g
+        ),
     }
     out = []
     for scenario, call in scenarios.items():

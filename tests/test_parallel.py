@@ -70,6 +70,7 @@ def test_bad_input_on_one_rank_raises_on_every_rank(outcomes):
     assert "disagree on the divergence" in text["divergence differs"]
     assert "NaN" in text["NaN on the last rank"]
     assert "all -inf" in text["teacher all -inf"]
+    assert "kdiv.TopK teacher, which cannot be vocab-sharded" in text["top-k teacher"]
     usable = [v["bad"][-1][1] for v in values]
     assert len(set(usable)) == 1 and math.isfinite(usable[0])
 

@@ -2,12 +2,15 @@
 
 Also ``python -m kdiv.distill build-corpus --wordnet DIR --out FILE`` (the real arm's data from WordNet).
 A bad divergence name, an unreadable data file or a teacher/student vocabulary mismatch ends with a one-line error
-and exit status 2.
+and exit status 2. ``torchrun --nproc-per-node N -m kdiv.distill run ...`` trains every model data-parallel on N
+processes (gloo); rank 0 evaluates and writes the results (see :mod:`kdiv.distill.train`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 __all__ = ["main"]
@@ -68,9 +71,27 @@ def main(argv=None) -> int:
             if getattr(args, name) is not None:
                 over[name] = getattr(args, name)
         cfg = DistillConfig.preset(args.arm, quick=args.quick, **over)
-        results = run(cfg, args.out, progress=not args.no_progress)
+        with _process_group():
+            results = run(cfg, args.out, progress=not args.no_progress)
     except (ValueError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{len(results['records'])} records in {args.out}/results.json")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{len(results['records'])} records in {args.out}/results.json")
     return 0
+
+
+@contextlib.contextmanager
+def _process_group():
+    """Under ``torchrun --nproc-per-node N`` (N > 1: WORLD_SIZE, RANK and MASTER_ADDR set), the default process
+    group for the data-parallel harness, with the gloo backend (the lab's models run on the CPU); else nothing."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

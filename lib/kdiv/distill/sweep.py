@@ -24,7 +24,7 @@ from .arms import make_arm
 from .config import DistillConfig
 from .evaluate import evaluate_model
 from .models import check_same_vocab, generate, vocab_size_of
-from .train import train_student, train_teacher
+from .train import train_student, train_teacher, world
 
 __all__ = ["run", "load_results", "planned_records", "record_key"]
 
@@ -126,7 +126,13 @@ def run(cfg: DistillConfig, out, *, progress: bool = True, stop_after: int | Non
     """Run (or resume) the sweep of ``cfg`` into folder ``out``; returns the results dict.
 
     ``stop_after``: finish at most this many new records, then return (tests use it to interrupt a sweep).
+
+    Under ``torchrun`` (a default process group of N ranks) every rank trains each model on its share of every
+    batch (see :mod:`kdiv.distill.train`); rank 0 alone evaluates, writes the results and shows progress.
     """
+    rank, n_ranks = world()
+    lead = rank == 0
+    progress = progress and lead
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -145,15 +151,20 @@ def run(cfg: DistillConfig, out, *, progress: bool = True, stop_after: int | Non
         merged[k] = list(dict.fromkeys(list(merged[k]) + list(getattr(cfg, k))))
     done = {record_key(r) for r in results["records"]}
     # samples of a record whose results were never written (an interrupted run) are dropped
-    if samples_path.exists():
+    if samples_path.exists() and lead:
         kept = [line for line in samples_path.read_text().splitlines() if line and record_key(json.loads(line)) in done]
         _write_atomic(samples_path, "".join(line + "\n" for line in kept))
 
     todo = [k for k in planned_records(cfg) if k not in done]
     if not todo:
         return results
-    arm = make_arm(cfg, cache)
-    teacher = _teacher(cfg, arm, cache, progress)
+    # rank 0 builds the arm first (it writes the data caches), then the others read them
+    arm = make_arm(cfg, cache) if lead else None
+    if n_ranks > 1:
+        torch.distributed.barrier()
+    if arm is None:
+        arm = make_arm(cfg, cache)
+    teacher = _teacher(cfg, arm, cache, progress, lead)
     check_same_vocab(vocab_size_of(teacher), arm.vocab_size)
     truth_fn = arm.truth_logprobs if arm.truth_logprobs is not None else _logits_fn(teacher, log=True)
 
@@ -187,6 +198,11 @@ def run(cfg: DistillConfig, out, *, progress: bool = True, stop_after: int | Non
             check_same_vocab(vocab_size_of(teacher), vocab_size_of(student))
             fns = _model_fns(student, arm)
         t_train = time.perf_counter() - t0
+        if not lead:  # the other ranks go on to train the next model with rank 0 once it has evaluated this one
+            n_new += 1
+            if stop_after is not None and n_new >= stop_after:
+                break
+            continue
         with torch.no_grad():
             metrics, samples = evaluate_model(arm, fns[0], truth_fn, fns[1], fns[2])
         rec = {
@@ -198,6 +214,7 @@ def run(cfg: DistillConfig, out, *, progress: bool = True, stop_after: int | Non
             "metrics": metrics,
             "curves": curves,
             # wall time, and CPU time of this process (what the wall time is on an idle machine with one thread)
+            **({"ranks": n_ranks} if n_ranks > 1 else {}),  # data-parallel: trained on n_ranks processes
             "seconds": {
                 "train": round(t_train, 2),
                 "total": round(time.perf_counter() - t0, 2),
@@ -231,7 +248,7 @@ def _logits_fn(model, log=False):
     return fn
 
 
-def _teacher(cfg, arm, cache: Path, progress):
+def _teacher(cfg, arm, cache: Path, progress, lead=True):
     """The trained teacher, from the cache when its config is the same."""
     from .models import build_model
 
@@ -249,5 +266,6 @@ def _teacher(cfg, arm, cache: Path, progress):
     model = train_teacher(cfg, arm, progress=bar)
     if bar is not None:
         bar.close()
-    torch.save({"tag": tag, "weights": model.state_dict()}, path)
+    if lead:
+        torch.save({"tag": tag, "weights": model.state_dict()}, path)
     return model

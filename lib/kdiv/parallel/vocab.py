@@ -91,6 +91,11 @@ def _local_call(name, student, teacher, temperature, mask, reduction, chunk_size
     if unknown:
         raise ValueError(f"{name}() got an unexpected keyword argument {unknown[0]!r}")
     hyper = spec.check_hyper(values)
+    if hasattr(teacher, "rowwise_divergence"):  # a kdiv.TopK teacher
+        raise ValueError(
+            "teacher_logits is a kdiv.TopK teacher, which cannot be vocab-sharded (its ids span the whole "
+            "vocabulary): pass dense teacher logits of this rank's shard, or call without vocab_group"
+        )
     check_logits(student, teacher)
     temperature = check_positive("temperature", temperature)
     reduction = check_reduction(reduction)
