@@ -3,7 +3,7 @@
 For each shape N x V and each token-level divergence, three things run in one process, interleaved:
 
 - ``kdiv``: the chunked divergence (lib/kdiv/divergences.py);
-- ``plain``: the same divergence written the usual way, with [N, V] temporaries and autograd (bench/plain.py);
+- ``plain``: the same divergence written the usual way, with [N, V] temporaries and autograd (kdiv.testing.plain);
 - ``ce``: ``torch.nn.functional.cross_entropy`` with soft targets (the teacher's probabilities) on the same shape,
   the yardstick of the targets (see the README's Performance section).
 

@@ -38,9 +38,11 @@ def test_every_divergence_has_a_float64_reference():
 
 def test_specs_are_consistent():
     from kdiv.lab import plotting
+    from kdiv.testing import plain
 
     for name, s in kdiv.SPECS.items():
         assert s.fn.spec is s and s.fn.__name__ == name
+        assert callable(s.plain) and plain.DIVERGENCES[name].__name__ == name
         assert plotting.color(name) == s.color and plotting.MARKERS[name] == s.marker
         assert plotting.label(name) == s.label
         for alias in s.aliases:
@@ -57,7 +59,9 @@ def test_a_spec_whose_signature_disagrees_is_refused():
 
     with pytest.raises(ValueError, match="do not match"):
 
-        @divergence(kernel=forward_kl_rows, label="X", color="#000000", marker=("o", 4), hyper=[Hyper("a", 0.5)])
+        @divergence(
+            kernel=forward_kl_rows, plain=None, label="X", color="#000000", marker=("o", 4), hyper=[Hyper("a", 0.5)]
+        )
         def made_up(
             student_logits, teacher_logits, *, a=0.2, temperature=1.0, mask=None, reduction="mean", chunk_size=None
         ):

@@ -29,12 +29,14 @@ and their ranges, label, colour, marker, closed-form gradient coefficient) and r
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 from . import kernels as K
 from .head_selection import akl_weights
+from .headtail import threshold
 from .spec import Hyper, divergence
 
 __all__ = [
@@ -97,6 +99,68 @@ def _akl_coefficient(q, p, *, mu=0.5):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Plain forms: the loss per row from whole-row log-probabilities logq, logp [..., V] -> [...], written the usual way
+# (elementwise terms summed over the vocabulary, autograd for the backward). kdiv.testing.plain wraps them into
+# the plain versions that the tests hold the chunked kernels against and that bench/ times.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _kl_rows(loga, logb):
+    """KL(a || b) per row."""
+    return (loga.exp() * (loga - logb)).sum(-1)
+
+
+def _log_mix(loga, logb, weight_a):
+    """log(weight_a * a + (1 - weight_a) * b) from log a, log b."""
+    if weight_a == 1.0:
+        return loga + 0 * logb  # (keeps the student in the graph, with gradient 0)
+    return torch.logaddexp(loga + math.log(weight_a), logb + math.log1p(-weight_a))
+
+
+def _fkl_plain(logq, logp):
+    return _kl_rows(logp, logq)
+
+
+def _rkl_plain(logq, logp):
+    return _kl_rows(logq, logp)
+
+
+def _symmetric_kl_plain(logq, logp, *, w):
+    return (1 - w) * _kl_rows(logp, logq) + w * _kl_rows(logq, logp)
+
+
+def _js_plain(logq, logp, *, beta):
+    if beta == 0.0:
+        return _kl_rows(logp, logq)
+    if beta == 1.0:
+        return _kl_rows(logq, logp)
+    logm = _log_mix(logp, logq, beta)
+    return beta * _kl_rows(logp, logm) + (1 - beta) * _kl_rows(logq, logm)
+
+
+def _tvd_plain(logq, logp):
+    return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+
+
+def _skew_kl_plain(logq, logp, *, alpha):
+    return _kl_rows(logp, logq) if alpha == 0.0 else _kl_rows(logp, _log_mix(logp, logq, alpha))
+
+
+def _skew_reverse_kl_plain(logq, logp, *, alpha):
+    return _kl_rows(logq, logp) if alpha == 0.0 else _kl_rows(logq, _log_mix(logq, logp, alpha))
+
+
+def _akl_plain(logq, logp, *, mu):
+    q, p = logq.exp(), logp.exp()
+    with torch.no_grad():  # the weights carry no gradient; the head by a full sort
+        head = p >= threshold(p, mu).unsqueeze(-1)
+        err = (p - q).abs()
+        g_total = err.sum(-1)
+        w_head = torch.where(g_total == 0, 0.5, (err * head).sum(-1) / g_total.clamp_min(torch.finfo(p.dtype).tiny))
+    return w_head * _kl_rows(logp, logq) + (1 - w_head) * _kl_rows(logq, logp)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The divergences. Colours: Okabe-Ito (colour-blind safe) for the first six, FKL blue and RKL vermillion
 # everywhere; SRKL's violet keeps a CIELAB distance of at least 25 from every other colour of the collection, in
 # normal vision and under simulated protan-, deutan- and tritanopia (Machado et al. 2009). Markers: open shapes that
@@ -113,6 +177,7 @@ _UNIT = dict(low=0.0, high=1.0)
     marker=("o", 5.2),
     aliases=("fkl",),
     prob_gradient=_fkl_coefficient,
+    plain=_fkl_plain,
     reference="Hinton et al. 2015",
 )
 def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", chunk_size=None):
@@ -134,6 +199,7 @@ def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, re
     marker=("s", 3.4),
     aliases=("rkl",),
     prob_gradient=_rkl_coefficient,
+    plain=_rkl_plain,
     reference="Gu et al., MiniLLM, ICLR 2024",
 )
 def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", chunk_size=None):
@@ -152,6 +218,7 @@ def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, re
     hyper=[Hyper("w", 0.5, **_UNIT, symbol="w", examples=(0.0, 0.3, 1.0))],
     aliases=("fkl+rkl",),
     prob_gradient=_symmetric_kl_coefficient,
+    plain=_symmetric_kl_plain,
     reference="Wu et al., COLING 2025, Table 2",
 )
 def symmetric_kl(
@@ -174,6 +241,7 @@ def symmetric_kl(
     hyper=[Hyper("beta", 0.5, **_UNIT, symbol="β", examples=(0.0, 0.1, 0.9, 1.0))],
     aliases=("jsd",),
     prob_gradient=_js_coefficient,
+    plain=_js_plain,
     reference="Agarwal et al., GKD, ICLR 2024",
 )
 def js(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None, reduction="mean", chunk_size=None):
@@ -201,6 +269,7 @@ def js(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None, 
     marker=("v", 4.0),
     aliases=("tv",),
     prob_gradient=_tvd_coefficient,
+    plain=_tvd_plain,
     reference="Ji et al., TaiLr, ICLR 2023",
 )
 def tvd(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", chunk_size=None):
@@ -222,6 +291,7 @@ def tvd(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction
     hyper=[Hyper("alpha", 0.1, **_UNIT, symbol="α", examples=(0.0, 0.5, 1.0))],
     aliases=("skl",),
     prob_gradient=_skew_kl_coefficient,
+    plain=_skew_kl_plain,
     reference="Ko et al., DistiLLM, ICML 2024",
 )
 def skew_kl(
@@ -246,6 +316,7 @@ def skew_kl(
     hyper=[Hyper("alpha", 0.1, **_UNIT, symbol="α", examples=(0.0, 0.5, 1.0))],
     aliases=("srkl",),
     prob_gradient=_skew_reverse_kl_coefficient,
+    plain=_skew_reverse_kl_plain,
     reference="Ko et al., DistiLLM, ICML 2024",
 )
 def skew_reverse_kl(
@@ -267,6 +338,7 @@ def skew_reverse_kl(
     marker=("*", 4.8),
     hyper=[Hyper("mu", 0.5, **_UNIT, low_open=True, high_open=True, symbol="μ", examples=(0.1, 0.9))],
     prob_gradient=_akl_coefficient,
+    plain=_akl_plain,
     reference="Wu et al., COLING 2025 (arXiv 2404.02657)",
 )
 def akl(student_logits, teacher_logits, *, mu=0.5, temperature=1.0, mask=None, reduction="mean", chunk_size=None):

@@ -2,7 +2,8 @@
 
 Everything that needs a per-divergence table reads it from these records: the registry (``kdiv.DIVERGENCES``,
 ``kdiv.get``, ``kdiv.hyperparameters``), the figure style (colour, label, marker), the closed-form gradient
-coefficients of :mod:`kdiv.lab.gradients`, the loss zoo of :mod:`kdiv.lab.zoo`, and the test parametrisations.
+coefficients of :mod:`kdiv.lab.gradients`, the loss zoo of :mod:`kdiv.lab.zoo`, the plain autograd versions of
+:mod:`kdiv.testing.plain`, and the test parametrisations.
 A divergence is its row kernel (see :mod:`kdiv.core.engine.chunked`), its public function decorated with
 :func:`divergence`, and a float64 reference in ``tests/reference.py``; nothing else names it.
 """
@@ -70,7 +71,9 @@ class DivergenceSpec:
     ``fn``: the public function (``kdiv.<name>``); ``kernel``: its row kernel; ``hyper``: its hyper-parameters;
     ``label``, ``color``, ``marker`` (matplotlib marker, size in points): how figures draw it; ``aliases``: short
     names a reader may type ("fkl"); ``prob_gradient``: the closed-form coefficient ``g(q, p, **hyper) = dL/dq``
-    (None where there is none); ``reference``: the paper it comes from.
+    (None where there is none); ``reference``: the paper it comes from; ``plain``: the loss per row written the
+    usual way, ``plain(logq, logp, **hyper) -> [...]`` from whole-row log-probabilities [..., V], which
+    :mod:`kdiv.testing.plain` turns into the autograd version that tests and benchmarks compare the kernel with.
     """
 
     name: str
@@ -84,6 +87,7 @@ class DivergenceSpec:
     prob_gradient: Callable | None = None
     reference: str = ""
     defaults: dict = field(default_factory=dict)
+    plain: Callable | None = None
 
     def check_hyper(self, values: dict) -> dict:
         """Validated hyper-parameters, defaults filled in."""
@@ -98,7 +102,7 @@ class DivergenceSpec:
 SPECS: dict[str, DivergenceSpec] = {}
 
 
-def divergence(*, kernel, label, color, marker, hyper=(), aliases=(), prob_gradient=None, reference=""):
+def divergence(*, kernel, plain, label, color, marker, hyper=(), aliases=(), prob_gradient=None, reference=""):
     """Register a token-level divergence: decorates a function whose signature and docstring are the public ones
     and whose body is never run. The decorated function validates its arguments (hyper-parameters against their
     ranges) and runs ``kernel`` chunk by chunk through :func:`kdiv.core.engine.chunked.rowwise_divergence`; with
@@ -178,6 +182,7 @@ def divergence(*, kernel, label, color, marker, hyper=(), aliases=(), prob_gradi
             prob_gradient=prob_gradient,
             reference=reference,
             defaults=declared,
+            plain=plain,
         )
         return fn
 
