@@ -307,6 +307,22 @@ def test_large_head_path_is_taken_and_exact():
     assert torch.equal(got, head_threshold(p, 0.5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_candidate_selection_numpy_and_torch_agree(dtype):
+    # the CPU route (numpy) and the other devices' route (torch) give the same sorted candidates, or both refuse
+    g = torch.Generator().manual_seed(12)
+    p = torch.softmax(2.0 * torch.randn(5, 3000, generator=g, dtype=dtype), -1)
+    p[1, :7] = p[1, 7]  # ties
+    for q in (0.5, 0.9, 0.999):
+        cutoff = p.quantile(q, dim=-1)
+        for max_width in (3000, 100):
+            a = D._sorted_candidates_numpy(p, cutoff, max_width)
+            b = D._sorted_candidates(p, cutoff, max_width)
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.dtype == dtype and torch.equal(a, b)
+
+
 def test_akl_weights_match_headtail():
     g = torch.Generator().manual_seed(2)
     s, t = torch.randn(3, 7, 500, generator=g), 3 * torch.randn(3, 7, 500, generator=g)

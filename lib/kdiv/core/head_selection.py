@@ -8,6 +8,7 @@ with larger heads go through a bisection for a cutoff, then a sort of the tokens
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .engine.chunked import Scratch
@@ -99,21 +100,51 @@ def _threshold_large_head(p, mu, hi, ws):
     above the threshold: only the probabilities at or above a cutoff holding more than mu of the mass are sorted.
     ws: a Scratch of p's shape."""
     n, vocab = p.shape
-    keep = p >= _cutoff_above_mu(p, mu, hi, ws).unsqueeze(-1)
-    counts = keep.sum(-1)
-    width = int(counts.max())
-    if width > vocab // 4:
+    cutoff = _cutoff_above_mu(p, mu, hi, ws)
+    if p.device.type == "cpu":
+        prefix = _sorted_candidates_numpy(p, cutoff, vocab // 4)
+    else:
+        prefix = _sorted_candidates(p, cutoff, vocab // 4)
+    if prefix is None:
         return head_threshold(p, mu)  # flat rows: sorting them whole costs about the same
-    row, col = keep.nonzero(as_tuple=True)
-    start = counts.cumsum(0) - counts
-    prefix = torch.zeros(n, width, dtype=p.dtype, device=p.device)
-    prefix[row, torch.arange(row.numel(), device=p.device) - start[row]] = p[row, col]
-    tau, settled = _threshold_of_prefix(prefix.sort(dim=-1, descending=True).values, mu)
+    tau, settled = _threshold_of_prefix(prefix, mu)
     if not bool(settled.all()):
         # the bisection's sums and the cumsum's disagree about mu: only at a razor's edge, sort those rows whole
         redo = (~settled).nonzero().squeeze(1)
         tau[redo] = head_threshold(p[redo], mu)
     return tau
+
+
+def _sorted_candidates(p, cutoff, max_width):
+    """[n, width]: each row's probabilities >= its cutoff, in descending order, zero-padded; None when some row
+    has more than max_width of them."""
+    n = p.shape[0]
+    keep = p >= cutoff.unsqueeze(-1)
+    counts = keep.sum(-1)
+    width = int(counts.max())
+    if width > max_width:
+        return None
+    row, col = keep.nonzero(as_tuple=True)
+    start = counts.cumsum(0) - counts
+    prefix = torch.zeros(n, width, dtype=p.dtype, device=p.device)
+    prefix[row, torch.arange(row.numel(), device=p.device) - start[row]] = p[row, col]
+    return prefix.sort(dim=-1, descending=True).values
+
+
+def _sorted_candidates_numpy(p, cutoff, max_width):
+    """:func:`_sorted_candidates` on the CPU through numpy, whose selection and sort of a few thousand values are
+    several times faster than torch's nonzero and sort at these sizes (measured: [8, 32000] rows, ~1000 candidates
+    each, 0.25 ms against 0.8 ms); the same values, so the same threshold."""
+    rows, cuts = p.detach().numpy(), cutoff.detach().numpy()
+    kept = [row[row >= c] for row, c in zip(rows, cuts, strict=True)]
+    width = max(len(k) for k in kept)
+    if width > max_width:
+        return None
+    prefix = np.zeros((len(kept), width), dtype=rows.dtype)
+    for i, k in enumerate(kept):
+        k.sort()
+        prefix[i, : len(k)] = k[::-1]
+    return torch.from_numpy(prefix)
 
 
 def head_threshold_rows(p, mu, ws):
