@@ -30,7 +30,7 @@ def test_two_ranks_give_the_gradient_of_one(name):
     for got in ranks:
         np.testing.assert_allclose(got["global"], want, rtol=1e-5, atol=1e-7)
         # the ranks' shares hold different numbers of tokens: averaging their own means weighs tokens unequally
-        assert np.linalg.norm(got["naive"] - want) / np.linalg.norm(want) > 0.02
+        assert np.linalg.norm(got["naive"] - want) / np.linalg.norm(want) > 0.2  # measured 0.447
     np.testing.assert_array_equal(ranks[0]["global"], ranks[1]["global"])  # DDP: one gradient on every rank
 
 
