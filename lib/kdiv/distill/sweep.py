@@ -213,8 +213,8 @@ def run(cfg: DistillConfig, out, *, progress: bool = True, stop_after: int | Non
             "truth": "p*" if cfg.arm == "synthetic" else "teacher",
             "metrics": metrics,
             "curves": curves,
-            # wall time, and CPU time of this process (what the wall time is on an idle machine with one thread)
             **({"ranks": n_ranks} if n_ranks > 1 else {}),  # data-parallel: trained on n_ranks processes
+            # wall time, and CPU time of this process (what the wall time is on an idle machine with one thread)
             "seconds": {
                 "train": round(t_train, 2),
                 "total": round(time.perf_counter() - t0, 2),

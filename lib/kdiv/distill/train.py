@@ -80,7 +80,8 @@ def batch_loss(model, loss_fn, ids, att, labels, teacher_logits=None):
     _, n_ranks = world()
     if n_ranks == 1:
         return loss_fn(logits, teacher, labels)
-    n_items = (labels[..., 1:] != loss_fn.ignore_index).sum()
+    counted = labels[:, 1:] if loss_fn.shift else labels  # the tokens the loss counts, after its own shift
+    n_items = (counted != loss_fn.ignore_index).sum()
     torch.distributed.all_reduce(n_items)
     out = loss_fn(logits, teacher, labels, num_items_in_batch=n_items)
     return out._replace(loss=out.loss * n_ranks)

@@ -29,7 +29,7 @@ from ..core.checks import (
     check_positive,
     check_positive_int,
     check_reduction,
-    warn_on_misuse,
+    warn_if_swapped,
 )
 from ..core.engine.chunked import LOG_FLOOR
 from ..core.spec import SPECS
@@ -101,7 +101,8 @@ def _local_call(name, student, teacher, temperature, mask, reduction, chunk_size
     reduction = check_reduction(reduction)
     batch_shape = student.shape[:-1]
     mask = check_mask(mask, batch_shape, student.device)
-    warn_on_misuse(student, teacher)  # swapped arguments (a shard of probabilities does not sum to 1: not seen)
+    # swapped arguments only: a shard of a probability row does not sum to 1, so "probabilities as logits" is not seen
+    warn_if_swapped([student], [teacher], "teacher_logits requires grad but student_logits does not")
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
     dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
