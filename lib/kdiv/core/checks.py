@@ -91,13 +91,16 @@ def warn_if_swapped(student_tensors, teacher_tensors, what: str) -> None:
         )
 
 
+SWAPPED_LOGITS = "teacher_logits requires grad but student_logits does not"
+
+
 def warn_on_misuse(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None) -> None:
     """KdivWarnings for calls that compute but are probably wrong: the teacher requires grad and the student does
     not (swapped arguments: the loss would give no gradient), and probabilities passed where logits are expected
     (the loss then compares softmax(probabilities), nearly uniform, and comes out near 0). ``teacher_logits`` None:
     the student alone (a top-k teacher brings its own checks)."""
     if teacher_logits is not None:
-        warn_if_swapped([student_logits], [teacher_logits], "teacher_logits requires grad but student_logits does not")
+        warn_if_swapped([student_logits], [teacher_logits], SWAPPED_LOGITS)
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if x is not None and looks_like_probabilities(x):
             warn(

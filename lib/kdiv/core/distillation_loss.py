@@ -232,16 +232,20 @@ class DistillationLoss(nn.Module):
             raise ValueError(f"num_items_in_batch must be a finite number > 0, got {num_items_in_batch}")
         return float(num_items_in_batch)
 
+    def counted(self, labels: torch.Tensor) -> torch.Tensor:
+        """The mask of the tokens this loss counts (after its own shift): labels[:, 1:] (or labels) != ignore_index."""
+        return (labels[:, 1:] if self.shift else labels) != self.ignore_index
+
     # -- the loss --------------------------------------------------------------------------------------------------
     def forward(self, student_logits, teacher_logits, labels, *, num_items_in_batch=None) -> DistillationLossOutput:
         self._check(student_logits, teacher_logits, labels)
         denominator = self._check_num_items(num_items_in_batch, student_logits.device)
+        mask = self.counted(labels)  # [B, L-1] or [...]: True = the token counts
         if self.shift:
             # views: the engine reads these row-strided logits in place
             student_logits = student_logits[:, :-1]
             teacher_logits = teacher_logits[:, :-1]
             labels = labels[:, 1:]
-        mask = labels != self.ignore_index  # [B, L-1] or [...]: True = the token counts
         n_tokens = mask.sum()
         if denominator is None:
             denominator = n_tokens.clamp(min=1).to(torch.float32)

@@ -80,8 +80,7 @@ def batch_loss(model, loss_fn, ids, att, labels, teacher_logits=None):
     _, n_ranks = world()
     if n_ranks == 1:
         return loss_fn(logits, teacher, labels)
-    counted = labels[:, 1:] if loss_fn.shift else labels  # the tokens the loss counts, after its own shift
-    n_items = (counted != loss_fn.ignore_index).sum()
+    n_items = loss_fn.counted(labels).sum()
     torch.distributed.all_reduce(n_items)
     out = loss_fn(logits, teacher, labels, num_items_in_batch=n_items)
     return out._replace(loss=out.loss * n_ranks)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from ..core.checks import (
     REDUCTIONS,
+    SWAPPED_LOGITS,
     check_logits,
     check_mask,
     check_positive,
@@ -102,7 +103,7 @@ def _local_call(name, student, teacher, temperature, mask, reduction, chunk_size
     batch_shape = student.shape[:-1]
     mask = check_mask(mask, batch_shape, student.device)
     # swapped arguments only: a shard of a probability row does not sum to 1, so "probabilities as logits" is not seen
-    warn_if_swapped([student], [teacher], "teacher_logits requires grad but student_logits does not")
+    warn_if_swapped([student], [teacher], SWAPPED_LOGITS)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
     dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
