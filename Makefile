@@ -43,8 +43,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The engine's tests once more on the native backend (the fused C++ row kernel, built on first use with the
+# machine's C++ compiler): it must pass what the eager engine passes.
+NATIVE_TESTS := tests/test_accuracy.py tests/test_divergences.py tests/test_properties.py tests/test_chunked.py \
+  tests/test_engine_calls.py tests/test_outliers.py tests/test_misuse.py tests/test_bad_input.py tests/test_gradients.py
+
 unit: $(STAMP)
 	$(BIN)/pytest tests
+	KDIV_BACKEND=native $(BIN)/pytest -q -p no:cacheprovider $(NATIVE_TESTS)
 
 nbval: $(STAMP)
 ifneq ($(NOTEBOOKS),)

@@ -12,7 +12,10 @@ element of each model, and the write of the gradient q - p, on the same worker t
 divergence's time over it says how close to the limit it is, whatever CE costs on this CPU; ``shifted/<name>``,
 the causal-LM shift (student and teacher ``logits.view(B, T, V)[:, :-1]``, row-strided views) with its gradient
 into the full logits; ``nograd/<name>``, the loss under ``torch.no_grad()`` with a student that requires grad (a
-logged loss: no gradient computed or allocated).
+logged loss: no gradient computed or allocated); ``native/<name>``, the same divergence on the native backend
+(``kdiv.backend("native")``: the fused C++ row kernel, built once before the measurements, its build time
+recorded) wherever that backend covers it, timed in the same rounds as the eager engine's case (``--no-native``
+leaves it out).
 
 Time: one forward + backward (``loss.backward()`` into the student's ``.grad``), wall clock. Every round runs CE
 right before each kdiv case, so that a slower or faster spell of a shared machine hits both alike; a kdiv case's
@@ -172,6 +175,30 @@ class NoGrad:
         self.fn = fn
 
 
+def on_native(fn):
+    """fn on the native backend (the gradient is computed in the forward call, inside the block)."""
+
+    def call(x, target):
+        with kdiv.backend("native"):
+            return fn(x, target)
+
+    return call
+
+
+NATIVE_NAMES = ("forward_kl", "reverse_kl", "symmetric_kl", "js", "tvd", "skew_kl", "skew_reverse_kl")
+
+
+def native_build_seconds(log):
+    """Build the native kernel now (outside every measurement): its build time in seconds (0.0 if it was cached), or
+    None if it cannot be built here."""
+    try:
+        kdiv.native_build()
+    except (RuntimeError, AttributeError) as e:  # AttributeError: an earlier kdiv without the native backend
+        log(f"native backend unavailable, left out: {e}")
+        return None
+    return kdiv.native_build.seconds or 0.0
+
+
 def run_case(fn, student, target, device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -190,7 +217,7 @@ def run_case(fn, student, target, device):
     return elapsed
 
 
-def bench_shape(n, vocab, device, repeats, names, log):
+def bench_shape(n, vocab, device, repeats, names, log, with_native=False):
     """{case: {"times": [...], "memory": bytes, "ratios": [...]}} for one shape; cases "ce", "kdiv/<name>",
     "plain/<name>", "kdiv/akl@stress" (AKL with a flatter teacher, whose head is large)."""
     student, teacher = make_inputs(n, vocab, device, LOGIT_STD)
@@ -199,11 +226,15 @@ def bench_shape(n, vocab, device, repeats, names, log):
     for name in names:
         cases[f"kdiv/{name}"] = (kdiv.DIVERGENCES[name], teacher)
         cases[f"plain/{name}"] = (plain.DIVERGENCES[name], teacher)
+        if with_native and name in NATIVE_NAMES:
+            cases[f"native/{name}"] = (on_native(kdiv.DIVERGENCES[name]), teacher)
     if "akl" in names:
         cases["kdiv/akl@stress"] = (kdiv.DIVERGENCES["akl"], teacher * (STRESS_STD / LOGIT_STD))
     for name in (nm for nm in EXTRA_NAMES if nm in names and n % SHIFT_T == 0):
         cases[f"shifted/{name}"] = (shifted(kdiv.DIVERGENCES[name]), teacher)
         cases[f"nograd/{name}"] = (NoGrad(kdiv.DIVERGENCES[name]), teacher)
+        if with_native and name in NATIVE_NAMES:
+            cases[f"native-shifted/{name}"] = (on_native(shifted(kdiv.DIVERGENCES[name])), teacher)
     results = {case: {"times": [], "ratios": []} for case in cases}
 
     # First run of every case: the memory measurement; a warm-up for kdiv and CE, and the one timed run of each
@@ -217,7 +248,7 @@ def bench_shape(n, vocab, device, repeats, names, log):
         log(f"  first run {case}: {elapsed:.2f} s, extra memory {mem.extra / 2**20:.0f} MiB")
 
     # Rounds: CE and the floor right before every kdiv case, so that each ratio compares runs a second apart
-    timed = [c for c in cases if c.startswith(("kdiv/", "shifted/", "nograd/"))]
+    timed = [c for c in cases if c.startswith(("kdiv/", "shifted/", "nograd/", "native/", "native-shifted/"))]
     for r in range(repeats):
         for case in timed:
             t_ce = run_case(cases["ce"][0], student, cases["ce"][1], device)
@@ -267,23 +298,28 @@ def print_table(shape_rows, names, out=print):
                 f"{fl['seconds'] / ce['seconds']:.2f} x CE"
             )
         out(
-            f"{'divergence':<22}{'kdiv s':>8}{'plain s':>9}{'kdiv/CE':>9}{'/floor':>8}{'plain/CE':>9}"
-            f"{'kdiv/plain':>11}{'mem kdiv':>10}{'mem plain':>10}   (memory: extra peak / one logits tensor)"
+            f"{'divergence':<30}{'kdiv s':>8}{'plain s':>9}{'kdiv/CE':>9}{'/floor':>8}{'plain/CE':>9}"
+            f"{'kdiv/plain':>11}{'mem kdiv':>10}{'mem plain':>10}{'native/CE':>11}{'/floor':>8}"
+            "   (kdiv: the eager engine; native: kdiv.backend('native'); memory: extra peak / one logits tensor)"
         )
         for name in names:
             k, p = rows[f"kdiv/{name}"], rows[f"plain/{name}"]
+            nat = rows.get(f"native/{name}")
+            native_cols = f"{nat['time_vs_ce']:>11.2f}{nat['time_vs_floor']:>8.2f}" if nat else f"{'-':>11}{'-':>8}"
             out(
-                f"{name:<22}{k['seconds']:>8.2f}{p['seconds']:>9.2f}{k['time_vs_ce']:>9.2f}"
+                f"{name:<30}{k['seconds']:>8.2f}{p['seconds']:>9.2f}{k['time_vs_ce']:>9.2f}"
                 f"{k.get('time_vs_floor', float('nan')):>8.2f}{p['time_vs_ce']:>9.2f}"
                 f"{k['seconds'] / p['seconds']:>11.2f}{k['memory_vs_logits']:>10.2f}{p['memory_vs_logits']:>10.2f}"
+                + native_cols
             )
         extra = [("kdiv/akl@stress", "akl, std-2 logits")]
         extra += [(f"{kind}/{nm}", f"{nm}, {kind}") for kind in ("shifted", "nograd") for nm in EXTRA_NAMES]
+        extra += [(f"native-shifted/{nm}", f"{nm}, shifted, native") for nm in EXTRA_NAMES]
         for case, label in extra:
             if case in rows:
                 k = rows[case]
                 out(
-                    f"{label:<22}{k['seconds']:>8.2f}{'':>9}{k['time_vs_ce']:>9.2f}"
+                    f"{label:<30}{k['seconds']:>8.2f}{'':>9}{k['time_vs_ce']:>9.2f}"
                     f"{k.get('time_vs_floor', float('nan')):>8.2f}{'':>9}{'':>11}{k['memory_vs_logits']:>10.2f}"
                 )
 
@@ -407,6 +443,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--no-figure", action="store_true")
+    ap.add_argument("--no-native", action="store_true", help="leave out the native backend's cases")
     ap.add_argument("--tag", default="", help="appended to the results file's name (e.g. a before / after run)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the figure and table from results_<device>.json")
     args = ap.parse_args(argv)
@@ -429,12 +466,13 @@ def main(argv=None):
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    build = None if args.no_native or args.device != "cpu" else native_build_seconds(log)
     start = time.time()
     load_before = os.getloadavg()
     shape_rows, raw = {}, {}
     for n, vocab in shapes:
         log(f"{n} x {vocab}")
-        results = bench_shape(n, vocab, args.device, repeats, names, log)
+        results = bench_shape(n, vocab, args.device, repeats, names, log, with_native=build is not None)
         raw[f"{n}x{vocab}"] = results
         shape_rows[(n, vocab)] = summarise(results, n, vocab)
     info = machine_info(args.device)
@@ -446,6 +484,7 @@ def main(argv=None):
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
             "wall_seconds": round(time.time() - start, 1),
+            "native_build_seconds": build,
         }
     )
 
@@ -453,6 +492,7 @@ def main(argv=None):
         f"kdiv benchmark, {args.device} ({info.get('gpu') or info.get('cpu')}), torch {info['torch']}, "
         f"{info['threads']} threads, median of {repeats} "
         f"round(s); load average {load_before[0]:.1f} before, {info['load_average_after'][0]:.1f} after"
+        + ("" if build is None else f"; native kernel build {build:.1f} s (0.0: cached)")
     )
     print_table(shape_rows, names)
     # results_cpu.json (and the figure) for the default run only; other runs are tagged

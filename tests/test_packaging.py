@@ -117,6 +117,10 @@ def test_pyproject_layout():
     project = _pyproject()
     assert project["project"]["name"] == "kdiv"
     assert project["tool"]["setuptools"]["packages"]["find"]["where"] == ["lib"]
+    # the native backend compiles its C++ source at run time: it must ship with the package
+    sources = project["tool"]["setuptools"]["package-data"]["kdiv.core.engine"]
+    assert [p.name for p in (ROOT / "lib/kdiv/core/engine").glob("*.cpp")] == ["fused_rows.cpp"]
+    assert "*.cpp" in sources
     for dist in TEST_ONLY:
         runtime, dev = declared()
         assert dist.lower() not in {r.name.lower() for r in runtime}, f"{dist} is test-only: keep it in dev"

@@ -12,6 +12,7 @@ from .core.checks import KdivWarning
 from .core.distillation_loss import DistillationLoss, DistillationLossOutput
 from .core.divergences import *  # noqa: F403  (every registered divergence, and mask_from_labels)
 from .core.divergences import __all__ as _divergence_names
+from .core.engine.native import backend, get_backend, native_build, set_backend
 from .core.headtail import head_mask, head_tail_error, head_threshold
 from .core.registry import DIVERGENCES, SPECS, TOKEN_LEVEL, get, hyperparameters, spec
 from .core.spec import DivergenceSpec, Hyper
@@ -41,12 +42,16 @@ __all__ = [
     "SPECS",
     "TOKEN_LEVEL",
     "TopK",
+    "backend",
     "fused_linear",
     "get",
+    "get_backend",
     "head_mask",
     "head_tail_error",
     "head_threshold",
     "hyperparameters",
+    "native_build",
+    "set_backend",
     "sinkd",
     "sinkhorn",
     "sinkhorn_divergence",

@@ -49,7 +49,7 @@ import threading
 import torch
 
 from ..checks import check_logits, check_mask, check_positive, check_positive_int, check_reduction, warn, warn_on_misuse
-from . import workers
+from . import native, workers
 
 # A log-probability of -inf (a -inf logit: a token outside the vocabulary) is replaced by log of the smallest
 # normal float32, as if the token had probability 1.2e-38. This keeps every divergence finite, and every gradient
@@ -285,6 +285,10 @@ class _Engine:
         )
         self.buffer_rows = max(1, min(chunk_rows, n_buffer_rows))
         self.overflow = torch.zeros((), dtype=torch.bool, device=self.device)
+        # the fused C++ kernel for the fast path, where the backend is "native" and it covers this call
+        self.native = None
+        if self.dtype == torch.float32:
+            self.native = native.native_kernel(kernel, hyper, self.dtypes, self.device, temperature, self.grad_dtype)
 
     def _buffers(self):
         """A worker's chunk buffers: q, p, the two shifted logits, the gradient block (when it cannot be written in
@@ -358,6 +362,9 @@ class _Engine:
     def run_block(self, block, buffers, loss, floored=False):
         """Loss of the rows `block` (a slice or an index tensor) into loss[block], gradient into the gradient rows."""
         n = (block.stop - block.start) if isinstance(block, slice) else block.numel()
+        if self.native is not None and not floored:
+            self._run_native(block, n, buffers, loss)
+            return
         q, p, zs_buf, zt_buf, grad_buf, dot_buf, scratch = buffers(n)
         zs = self._logits(self.student, block, zs_buf, floored)
         zt = self._logits(self.teacher, block, zt_buf, floored)
@@ -379,6 +386,24 @@ class _Engine:
             floor = torch.isneginf(self.student.read(block)).to(self.dtype)
             torch.addcmul(grad, q, chunk.dot(grad, floor).unsqueeze(-1), out=grad)
             grad.mul_(floor.sub_(1).neg_())
+        if grad is not None and direct is None:
+            self.grad_rows.write(block, grad)
+
+    def _run_native(self, block, n, buffers, loss):
+        """run_block's fast path in the native kernel: rows read in place (or gathered), the gradient written in
+        place where its rows can be viewed (else through the gradient buffer); rows it hands back as NaN are the
+        floored path's, as on the eager fast path."""
+        q, p, _, _, grad_buf, _, _ = buffers(n)
+        out = loss[block] if isinstance(block, slice) else torch.empty(n, dtype=loss.dtype, device=loss.device)
+        grad, direct = None, None
+        if self.want_grad:
+            if isinstance(block, slice):
+                direct = self.grad_rows.view(block)
+            grad = grad_buf if direct is None else direct
+        s, t = self.student.read(block), self.teacher.read(block)
+        self.native.run(s, t, grad, q, p, out, self.scale)
+        if not isinstance(block, slice):
+            loss[block] = out
         if grad is not None and direct is None:
             self.grad_rows.write(block, grad)
 

@@ -1,0 +1,380 @@
+// kdiv's native row kernel: the fast path of the token-level divergences, fused, for float32 / bfloat16 logits on
+// the CPU. Built on first use by kdiv.core.engine.native (a C ABI, no torch headers) and called through ctypes,
+// which releases the GIL: the engine's worker threads run it concurrently, one block of rows each.
+//
+// One row at a time, in at most four passes over the vocabulary, the row's exponentials kept in two rows of
+// scratch (in the cache at V = 32k; for a float32 gradient the gradient row itself is one of them):
+//   1. max of both logits;
+//   2. e_s = exp((s - max s) / T), e_t likewise, stored; their sums and sum e * (a_s - a_t) in float blocks
+//      accumulated in double (a NaN or infinite logit makes one of them NaN or inf: the row is handed back). Normalising by the sum of the stored values (q = e_s / sum e_s) makes sum q = 1 to
+//      double precision, so the row constant lse_s - lse_t (<= log V) can be added after a sum without the
+//      rounding of sum q multiplying it;
+//   3. (TVD and the mixture divergences) sums over the normalised probabilities;
+//   4. the gradient, scale * d loss / d (s / T), written once.
+// The formulas are those of kdiv.core.kernels (the eager row kernels), written per element. A row whose logits hold
+// NaN or +-inf, or where a probability the kernel divides by underflows, gets a NaN loss (and an unwritten
+// gradient): the engine recomputes exactly those rows on its eager floored path, as it does for its own fast path.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+enum Kind { FKL = 0, RKL = 1, SKL = 2, JS = 3, TVD = 4, SKEW_KL = 5, SKEW_RKL = 6 };
+enum DType { F32 = 0, BF16 = 1 };
+
+constexpr long BLOCK = 1024;  // elements per float partial sum (each SIMD lane then adds ~64 terms)
+
+inline float from_bits(uint32_t u) { return __builtin_bit_cast(float, u); }
+inline uint32_t to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
+
+inline float load(const float* x, long i) { return x[i]; }
+inline float load(const uint16_t* x, long i) { return from_bits(uint32_t(x[i]) << 16); }
+
+// exp(x) for x <= 0 (a shifted logit); 0 below log(float32 tiny), so that no denormal is ever produced. Cody-Waite
+// reduction x = n ln2 + r, |r| <= ln2 / 2, and exp(r) = 1 + r + r^2 P(r), P of degree 4 fitted for relative error
+// (minimax-like, 3e-9 in exact arithmetic): relative error < 7e-8 in float32, against exp in double.
+inline float kexp(float x) {
+    // below lo the result is 0, selected at the end: whatever the lanes compute there (no clamp) is discarded
+    const float lo = -87.33654f;
+    float n = std::floor(std::fma(x, 1.44269504088896341f, 0.5f));
+    float r = std::fma(n, -0.693359375f, x);
+    r = std::fma(n, 2.12194440e-4f, r);
+    float p = 0.0013814611593261361f;
+    p = std::fma(p, r, 0.008368710055947304f);
+    p = std::fma(p, r, 0.04166838899254799f);
+    p = std::fma(p, r, 0.1666652113199234f);
+    p = std::fma(p, r, 0.4999999403953552f);
+    p = std::fma(p, r * r, r) + 1.0f;
+    float two_n = from_bits(uint32_t(int32_t(n) + 127) << 23);
+    return x < lo ? 0.0f : p * two_n;
+}
+
+// log(x) for a positive normal x: x = 2^e m with m in [sqrt(1/2), sqrt(2)), f = m - 1, and
+// log(1 + f) = f - f^2 / 2 + f^3 P(f), P of degree 7 fitted for relative error (6e-9 in exact arithmetic; no
+// division): relative error ~2e-7 in float32, absolute < 3e-8 near x = 1.
+inline float klog(float x) {
+    uint32_t ix = to_bits(x);
+    int32_t e = int32_t(ix >> 23) - 127;
+    float m = from_bits((ix & 0x7fffffu) | 0x3f800000u);
+    bool big = m > 1.41421356f;
+    m = big ? 0.5f * m : m;
+    e = big ? e + 1 : e;
+    float f = m - 1.0f;
+    float z = f * f;
+    float p = -0.07634464651346207f;
+    p = std::fma(p, f, 0.12761569023132324f);
+    p = std::fma(p, f, -0.13160191476345062f);
+    p = std::fma(p, f, 0.14201760292053223f);
+    p = std::fma(p, f, -0.16623356938362122f);
+    p = std::fma(p, f, 0.20001226663589478f);
+    p = std::fma(p, f, -0.2500081956386566f);
+    p = std::fma(p, f, 0.3333333134651184f);
+    float r = std::fma(f * z, p, std::fma(-0.5f, z, f));
+    float ef = float(e);
+    return std::fma(ef, 0.693359375f, std::fma(ef, -2.12194440e-4f, r));
+}
+
+// The mixture m = w a + (1 - w) b of two probabilities, relative to b: u = m / b = 1 + x with x = w (a - b) / b.
+// log u = log1p(x) is formed as log(1 + x) plus the rounding of 1 + x, so that it is exact to float32 where a ~ b
+// (and 0 where a == b); t = 1 / u - 1 = -x / u likewise. Where u < 1/2 (a << b with w near 1), 1 + x cancels:
+// there u = w a / b + (1 - w) directly. b = 0 gives inf / NaN (the row is then recomputed on the floored path).
+struct Mix {
+    float log_u, t;
+};
+
+template <bool WANT_T = true>
+inline Mix mix(float a, float b, float w, float omw) {
+    float inv_b = 1.0f / b;
+    float x = w * (a - b) * inv_b;
+    float u_direct = std::fma(w * a, inv_b, omw);
+    float u1 = 1.0f + x;
+    bool far = u_direct < 0.5f;
+    float u = far ? u_direct : u1;
+    float inv_u;
+    if (WANT_T) {
+        inv_u = 1.0f / u;
+    } else {
+        // only the rounding term needs 1/u, and only to a few digits (the term is < 1 ulp of log u): a bit-trick
+        // estimate (12 %) and one Newton step (1.5 %) instead of a division
+        inv_u = from_bits(0x7ef311c3u - to_bits(u));
+        inv_u = inv_u * std::fma(-u, inv_u, 2.0f);
+    }
+    float rounding = far ? 0.0f : (x - (u1 - 1.0f)) * inv_u;
+    return {klog(u) + rounding, far ? inv_u - 1.0f : -x * inv_u};
+}
+
+inline float sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+
+// float32 -> bfloat16, round to nearest even (the values are finite)
+inline uint16_t to_bf16(float f) {
+    uint32_t u = to_bits(f);
+    return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+struct Sums3 {
+    float pl, ql, qt;
+};
+
+// The mixture pass over elements [b0, b1): sums of p log u (JS: p log m/p), q log u, q t (see mix), and in ep, in
+// place of e_t, what the gradient pass needs. Its own function, with restrict pointers, so that the loop is vectorised.
+// JS's pass: log(m/q) from the mixture, log(p/m) = log(p/q) - log(m/q) with log(p/q) = (a_t - a_s) + k per element
+template <class TS, class TT>
+Sums3 js_pass(const TS* s, const TT* t, const float* __restrict eq, float* __restrict ep, long b0, long b1,
+              float inv_s, float inv_p, float w, float omw, float ms, float mt, float inv_t, float k_hi, float k_lo) {
+    float pl = 0.0f, ql = 0.0f;
+#pragma omp simd reduction(+ : pl, ql)
+    for (long i = b0; i < b1; ++i) {
+        const float q = eq[i] * inv_s, p = ep[i] * inv_p;
+        const float lu = mix<false>(p, q, w, omw).log_u;
+        const float as = (load(s, i) - ms) * inv_t, at = (load(t, i) - mt) * inv_t;
+        const float log_pq = ((at - as) + k_hi) + k_lo;
+        pl += p * (log_pq - lu);
+        ql += q * lu;
+        ep[i] = lu;
+    }
+    return {pl, ql, 0.0f};
+}
+
+template <int KIND>
+Sums3 mix_pass(const float* __restrict eq, float* __restrict ep, long b0, long b1, float inv_s, float inv_p, float w,
+               float omw) {
+    float pl = 0.0f, ql = 0.0f, qt = 0.0f;
+#pragma omp simd reduction(+ : pl, ql, qt)
+    for (long i = b0; i < b1; ++i) {
+        const float q = eq[i] * inv_s, p = ep[i] * inv_p;
+        const Mix mx = KIND == SKEW_KL ? mix(q, p, w, omw) : mix<KIND != JS>(p, q, w, omw);
+        // JS's KL(p || m) from log(m / p) itself: log(p/q) - log(m/q) would cancel where p >> q (m ~ beta p)
+        pl += p * (KIND == JS ? mix<false>(q, p, omw, w).log_u : mx.log_u);
+        ql += q * mx.log_u;
+        qt += q * mx.t;
+        ep[i] = KIND == JS ? mx.log_u : (KIND == SKEW_KL ? mx.t : -omw * mx.t - mx.log_u);
+    }
+    return {pl, ql, qt};
+}
+
+struct Args {
+    int kind;
+    long vocab;
+    float inv_t, w, omw, scale;
+};
+
+// One row: returns its loss; writes the gradient into g (float32, which may alias eq) when g is not null.
+// eq, ep: scratch rows of vocab floats.
+template <class TS, class TT>
+float row(const TS* s, const TT* t, float* g, float* eq, float* ep, const Args& a) {
+    const long V = a.vocab;
+    const float inv_t = a.inv_t;
+
+    // 1. maxima
+    float ms = -INFINITY, mt = -INFINITY;
+#pragma omp simd reduction(max : ms, mt)
+    for (long i = 0; i < V; ++i) {
+        float x = load(s, i), y = load(t, i);
+        ms = x > ms ? x : ms;
+        mt = y > mt ? y : mt;
+    }
+
+    // 2. exponentials, their sums, and sum e_s (a_s - a_t), sum e_t (a_t - a_s), a = shifted scaled logit
+    double sum_s = 0.0, sum_t = 0.0, dot_s = 0.0, dot_t = 0.0;
+    for (long b0 = 0; b0 < V; b0 += BLOCK) {
+        const long b1 = b0 + BLOCK < V ? b0 + BLOCK : V;
+        float ss = 0.0f, st = 0.0f, ds = 0.0f, dt = 0.0f;
+#pragma omp simd reduction(+ : ss, st, ds, dt)
+        for (long i = b0; i < b1; ++i) {
+            float as = (load(s, i) - ms) * inv_t, at = (load(t, i) - mt) * inv_t;
+            float es = kexp(as), et = kexp(at);
+            eq[i] = es;
+            ep[i] = et;
+            ss += es;
+            st += et;
+            float d = as - at;
+            ds += es * d;
+            dt += et * -d;
+        }
+        sum_s += ss;
+        sum_t += st;
+        dot_s += ds;
+        dot_t += dt;
+    }
+    // NaN or +-inf among the logits (or a spread beyond float32's range) makes one of these sums NaN or inf: a NaN
+    // logit propagates, +inf makes its max inf and x - max NaN, -inf makes e * (a_s - a_t) = 0 * inf = NaN
+    if (!std::isfinite(sum_s + sum_t + dot_s + dot_t)) return NAN;
+    const double k = std::log(sum_s) - std::log(sum_t);  // lse_s - lse_t: log q / p = (a_s - a_t) - k
+    const float inv_s = float(1.0 / sum_s), inv_p = float(1.0 / sum_t);
+    const double rkl = dot_s / sum_s - k, fkl = dot_t / sum_t + k;
+    const float sc = a.scale;
+
+    switch (a.kind) {
+        case FKL: {
+            if (g) {
+#pragma omp simd
+                for (long i = 0; i < V; ++i) g[i] = sc * std::fma(eq[i], inv_s, -ep[i] * inv_p);
+            }
+            return float(fkl);
+        }
+        case RKL: {
+            if (g) {
+                // q (log q/p - rkl), log q/p = (a_s - a_t) - k
+                const float c = float(k + rkl);
+#pragma omp simd
+                for (long i = 0; i < V; ++i) {
+                    float d = ((load(s, i) - ms) * inv_t - (load(t, i) - mt) * inv_t) - c;
+                    g[i] = sc * (eq[i] * inv_s) * d;
+                }
+            }
+            return float(rkl);
+        }
+        case SKL: {
+            const float w = a.w;
+            const double loss = double(a.omw) * fkl + w * rkl;
+            if (g) {
+                // (1 - w)(q - p) + w q (log q/p - rkl), log q/p = (a_s - a_t) - k
+                const float c = float(k + rkl), wf = sc * a.omw, wr = sc * w;
+#pragma omp simd
+                for (long i = 0; i < V; ++i) {
+                    float d = ((load(s, i) - ms) * inv_t - (load(t, i) - mt) * inv_t) - c;
+                    float q = eq[i] * inv_s, p = ep[i] * inv_p;
+                    g[i] = std::fma(wf, q - p, wr * q * d);
+                }
+            }
+            return float(loss);
+        }
+        case TVD: {
+            double total = 0.0, kq = 0.0;
+            for (long b0 = 0; b0 < V; b0 += BLOCK) {
+                const long b1 = b0 + BLOCK < V ? b0 + BLOCK : V;
+                float l = 0.0f, m = 0.0f;
+#pragma omp simd reduction(+ : l, m)
+                for (long i = b0; i < b1; ++i) {
+                    float q = eq[i] * inv_s, diff = q - ep[i] * inv_p;
+                    l += std::fabs(diff);
+                    m += q * sign(diff);
+                }
+                total += l;
+                kq += m;
+            }
+            if (g) {
+                const float kf = float(kq), h = 0.5f * sc;
+#pragma omp simd
+                for (long i = 0; i < V; ++i) {
+                    float q = eq[i] * inv_s;
+                    g[i] = h * q * (sign(q - ep[i] * inv_p) - kf);
+                }
+            }
+            return float(0.5 * total);
+        }
+        case JS:
+        case SKEW_KL:
+        case SKEW_RKL: {
+            // JS: m = beta p + (1 - beta) q over q; skew KL: m = alpha p + (1 - alpha) q over p; skew reverse KL:
+            // m = (1 - alpha) p + alpha q over q (kdiv.core.kernels' conventions; w, omw = 1 - w from the caller)
+            const int kind = a.kind;
+            const float w = a.w, omw = a.omw;
+            const float k_hi = float(k), k_lo = float(k - double(k_hi));
+            double sum_pl = 0.0, sum_ql = 0.0, sum_qt = 0.0;
+            for (long b0 = 0; b0 < V; b0 += BLOCK) {
+                const long b1 = b0 + BLOCK < V ? b0 + BLOCK : V;
+                Sums3 part = kind == JS ? js_pass(s, t, eq, ep, b0, b1, inv_s, inv_p, w, omw, ms, mt, inv_t, k_hi, k_lo)
+                             : kind == SKEW_KL ? mix_pass<SKEW_KL>(eq, ep, b0, b1, inv_s, inv_p, w, omw)
+                                               : mix_pass<SKEW_RKL>(eq, ep, b0, b1, inv_s, inv_p, w, omw);
+                sum_pl += part.pl;
+                sum_ql += part.ql;
+                sum_qt += part.qt;
+            }
+            double loss;
+            if (a.kind == JS) {
+                const double kl_qm = -sum_ql;
+                loss = w * sum_pl + double(omw) * kl_qm;
+                if (g) {
+                    // (1 - beta) q (log q/m - kl_qm) = -(1 - beta) q (log m/q + kl_qm)
+                    const float s1 = -omw * sc, kf = float(kl_qm);
+#pragma omp simd
+                    for (long i = 0; i < V; ++i) g[i] = s1 * (eq[i] * inv_s) * (ep[i] + kf);
+                }
+            } else if (a.kind == SKEW_KL) {
+                loss = -sum_pl;
+                if (g) {
+                    // (1 - alpha) q (sum q t - t), t = p/m - 1
+                    const float s1 = w * sc, kf = float(sum_qt);
+#pragma omp simd
+                    for (long i = 0; i < V; ++i) g[i] = s1 * (eq[i] * inv_s) * (kf - ep[i]);
+                }
+            } else {
+                loss = -sum_ql;
+                if (g) {
+                    // q (h - sum q h), h = -alpha (q/m - 1) - log m/q (stored in ep)
+                    double kq = 0.0;
+                    for (long b0 = 0; b0 < V; b0 += BLOCK) {
+                        const long b1 = b0 + BLOCK < V ? b0 + BLOCK : V;
+                        float m = 0.0f;
+#pragma omp simd reduction(+ : m)
+                        for (long i = b0; i < b1; ++i) m += eq[i] * inv_s * ep[i];
+                        kq += m;
+                    }
+                    const float kf = float(kq);
+#pragma omp simd
+                    for (long i = 0; i < V; ++i) g[i] = sc * (eq[i] * inv_s) * (ep[i] - kf);
+                }
+            }
+            return float(loss);
+        }
+    }
+    return NAN;
+}
+
+template <class TS, class TT>
+void rows(long n, const TS* s, long s_stride, const TT* t, long t_stride, void* g, long g_stride, int g_dtype,
+          float* eq, float* ep, float* loss, const Args& a) {
+    for (long r = 0; r < n; ++r) {
+        float* gf = nullptr;
+        if (g != nullptr) gf = g_dtype == F32 ? static_cast<float*>(g) + r * g_stride : eq;
+        // a float32 gradient row holds e_s until the gradient overwrites it, element by element
+        float* e_s = gf != nullptr ? gf : eq;
+        float value = row(s + r * s_stride, t + r * t_stride, gf, e_s, ep, a);
+        loss[r] = value;
+        if (g != nullptr && g_dtype == BF16 && value == value) {
+            uint16_t* gb = static_cast<uint16_t*>(g) + r * g_stride;
+#pragma omp simd
+            for (long i = 0; i < a.vocab; ++i) gb[i] = to_bf16(eq[i]);
+        }
+    }
+}
+
+template <class TS>
+void rows_teacher(int t_dtype, long n, const TS* s, long s_stride, const void* t, long t_stride, void* g,
+                  long g_stride, int g_dtype, float* eq, float* ep, float* loss, const Args& a) {
+    if (t_dtype == F32)
+        rows(n, s, s_stride, static_cast<const float*>(t), t_stride, g, g_stride, g_dtype, eq, ep, loss, a);
+    else
+        rows(n, s, s_stride, static_cast<const uint16_t*>(t), t_stride, g, g_stride, g_dtype, eq, ep, loss, a);
+}
+
+}  // namespace
+
+extern "C" {
+
+// The interface version kdiv.core.engine.native checks.
+int kdiv_rows_version() { return 1; }
+
+// n rows of both logits (row strides in elements; dtypes 0 float32, 1 bfloat16): loss[r] (float32) and, when g is
+// not null, the gradient rows (dtype g_dtype, row stride g_stride). eq, ep: vocab floats each, this caller's.
+// w, omw: the kind's weight and 1 - w (computed in double by the caller); scale multiplies the gradient.
+// Returns 0, or -1 for an unknown kind or dtype.
+int kdiv_rows(int kind, long n, long vocab, const void* s, long s_stride, int s_dtype, const void* t, long t_stride,
+              int t_dtype, void* g, long g_stride, int g_dtype, float* eq, float* ep, float* loss, float inv_t, float w,
+              float omw, float scale) {
+    if (kind < FKL || kind > SKEW_RKL || s_dtype < F32 || s_dtype > BF16 || t_dtype < F32 || t_dtype > BF16 ||
+        g_dtype < F32 || g_dtype > BF16)
+        return -1;
+    const Args a{kind, vocab, inv_t, w, omw, scale};
+    if (s_dtype == F32)
+        rows_teacher(t_dtype, n, static_cast<const float*>(s), s_stride, t, t_stride, g, g_stride, g_dtype, eq, ep,
+                     loss, a);
+    else
+        rows_teacher(t_dtype, n, static_cast<const uint16_t*>(s), s_stride, t, t_stride, g, g_stride, g_dtype, eq,
+                     ep, loss, a);
+    return 0;
+}
+}
