@@ -393,7 +393,7 @@ class _Engine:
         """run_block's fast path in the native kernel: rows read in place (or gathered), the gradient written in
         place where its rows can be viewed (else through the gradient buffer); rows it hands back as NaN are the
         floored path's, as on the eager fast path."""
-        q, p, _, _, grad_buf, _, _ = buffers(n)
+        q, p, zs_buf, zt_buf, grad_buf, dot_buf, scratch = buffers(n)
         out = loss[block] if isinstance(block, slice) else torch.empty(n, dtype=loss.dtype, device=loss.device)
         grad, direct = None, None
         if self.want_grad:
@@ -401,7 +401,18 @@ class _Engine:
                 direct = self.grad_rows.view(block)
             grad = grad_buf if direct is None else direct
         s, t = self.student.read(block), self.teacher.read(block)
-        self.native.run(s, t, grad, q, p, out, self.scale)
+        head_p = tau = None
+        if self.native.mu is not None:
+            # AKL: its head {p >= tau} on the teacher's softmax (the kernel's own, exactly normalised), found as
+            # akl_rows finds it
+            from ..head_selection import head_threshold_rows  # (which imports this module)
+
+            head_p = p
+            self.native.softmax(t, head_p)
+            tau = head_threshold_rows(head_p, self.native.mu, Scratch(scratch, dot_buf))
+            tau = tau.to(torch.float32).contiguous()
+        # scratch rows for the kernel's exponentials: the first rows of two buffers this path does not otherwise use
+        self.native.run(s, t, grad, q, zs_buf, out, self.scale, head_p, tau)
         if not isinstance(block, slice):
             loss[block] = out
         if grad is not None and direct is None:

@@ -21,7 +21,7 @@
 
 namespace {
 
-enum Kind { FKL = 0, RKL = 1, SKL = 2, JS = 3, TVD = 4, SKEW_KL = 5, SKEW_RKL = 6 };
+enum Kind { FKL = 0, RKL = 1, SKL = 2, JS = 3, TVD = 4, SKEW_KL = 5, SKEW_RKL = 6, AKL = 7 };
 enum DType { F32 = 0, BF16 = 1 };
 
 constexpr long BLOCK = 1024;  // elements per float partial sum (each SIMD lane then adds ~64 terms)
@@ -158,12 +158,17 @@ struct Args {
     int kind;
     long vocab;
     float inv_t, w, omw, scale;
+    // AKL: the teacher's probabilities as the caller computed them (rows of head_stride) and each row's head
+    // threshold on them, so that the head is exactly the caller's set {p >= tau}
+    const float* head_p;
+    long head_stride;
+    const float* tau;
 };
 
 // One row: returns its loss; writes the gradient into g (float32, which may alias eq) when g is not null.
 // eq, ep: scratch rows of vocab floats.
 template <class TS, class TT>
-float row(const TS* s, const TT* t, float* g, float* eq, float* ep, const Args& a) {
+float row(const TS* s, const TT* t, float* g, float* eq, float* ep, const Args& a, long r) {
     const long V = a.vocab;
     const float inv_t = a.inv_t;
 
@@ -226,12 +231,34 @@ float row(const TS* s, const TT* t, float* g, float* eq, float* ep, const Args& 
             }
             return float(rkl);
         }
-        case SKL: {
-            const float w = a.w;
-            const double loss = double(a.omw) * fkl + w * rkl;
+        case SKL:
+        case AKL: {
+            double w_rkl = a.w, w_fkl = a.omw;
+            if (a.kind == AKL) {
+                // AKL: forward KL weighted by the head's share of sum |p - q| (1/2 where q == p), reverse KL by the
+                // tail's; the head is {p >= tau} on the caller's p
+                const float* ph = a.head_p + r * a.head_stride;
+                const float tau = a.tau[r];
+                double total = 0.0, head = 0.0;
+                for (long b0 = 0; b0 < V; b0 += BLOCK) {
+                    const long b1 = b0 + BLOCK < V ? b0 + BLOCK : V;
+                    float l = 0.0f, h = 0.0f;
+#pragma omp simd reduction(+ : l, h)
+                    for (long i = b0; i < b1; ++i) {
+                        float err = std::fabs(ep[i] * inv_p - eq[i] * inv_s);
+                        l += err;
+                        h += ph[i] >= tau ? err : 0.0f;
+                    }
+                    total += l;
+                    head += h;
+                }
+                w_fkl = total == 0.0 ? 0.5 : head / total;
+                w_rkl = 1.0 - w_fkl;
+            }
+            const double loss = w_fkl * fkl + w_rkl * rkl;
             if (g) {
-                // (1 - w)(q - p) + w q (log q/p - rkl), log q/p = (a_s - a_t) - k
-                const float c = float(k + rkl), wf = sc * a.omw, wr = sc * w;
+                // w_fkl (q - p) + w_rkl q (log q/p - rkl), log q/p = (a_s - a_t) - k
+                const float c = float(k + rkl), wf = float(sc * w_fkl), wr = float(sc * w_rkl);
 #pragma omp simd
                 for (long i = 0; i < V; ++i) {
                     float d = ((load(s, i) - ms) * inv_t - (load(t, i) - mt) * inv_t) - c;
@@ -332,7 +359,7 @@ void rows(long n, const TS* s, long s_stride, const TT* t, long t_stride, void* 
         if (g != nullptr) gf = g_dtype == F32 ? static_cast<float*>(g) + r * g_stride : eq;
         // a float32 gradient row holds e_s until the gradient overwrites it, element by element
         float* e_s = gf != nullptr ? gf : eq;
-        float value = row(s + r * s_stride, t + r * t_stride, gf, e_s, ep, a);
+        float value = row(s + r * s_stride, t + r * t_stride, gf, e_s, ep, a, r);
         loss[r] = value;
         if (g != nullptr && g_dtype == BF16 && value == value) {
             uint16_t* gb = static_cast<uint16_t*>(g) + r * g_stride;
@@ -351,24 +378,67 @@ void rows_teacher(int t_dtype, long n, const TS* s, long s_stride, const void* t
         rows(n, s, s_stride, static_cast<const uint16_t*>(t), t_stride, g, g_stride, g_dtype, eq, ep, loss, a);
 }
 
+// softmax(x / T) of one row into out, normalised by the double-accumulated sum of its exponentials
+template <class T>
+void softmax_row(const T* x, long V, float inv_t, float* out) {
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (long i = 0; i < V; ++i) {
+        float v = load(x, i);
+        m = v > m ? v : m;
+    }
+    double total = 0.0;
+    for (long b0 = 0; b0 < V; b0 += BLOCK) {
+        const long b1 = b0 + BLOCK < V ? b0 + BLOCK : V;
+        float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+        for (long i = b0; i < b1; ++i) {
+            float e = kexp((load(x, i) - m) * inv_t);
+            out[i] = e;
+            part += e;
+        }
+        total += part;
+    }
+    const float inv = float(1.0 / total);
+#pragma omp simd
+    for (long i = 0; i < V; ++i) out[i] *= inv;
+}
+
 }  // namespace
 
 extern "C" {
 
 // The interface version kdiv.core.engine.native checks.
-int kdiv_rows_version() { return 1; }
+int kdiv_rows_version() { return 2; }
+
+// softmax(x / T) of n rows (row stride x_stride, dtype x_dtype) into out (float32, row stride out_stride): AKL's
+// teacher probabilities, on which the caller finds the head. Rows with NaN or inf come out NaN (the caller's
+// engine recomputes them). Returns 0, or -1 for an unknown dtype.
+int kdiv_softmax_rows(long n, long vocab, const void* x, long x_stride, int x_dtype, float inv_t, float* out,
+                      long out_stride) {
+    if (x_dtype != F32 && x_dtype != BF16) return -1;
+    for (long r = 0; r < n; ++r) {
+        if (x_dtype == F32)
+            softmax_row(static_cast<const float*>(x) + r * x_stride, vocab, inv_t, out + r * out_stride);
+        else
+            softmax_row(static_cast<const uint16_t*>(x) + r * x_stride, vocab, inv_t, out + r * out_stride);
+    }
+    return 0;
+}
 
 // n rows of both logits (row strides in elements; dtypes 0 float32, 1 bfloat16): loss[r] (float32) and, when g is
 // not null, the gradient rows (dtype g_dtype, row stride g_stride). eq, ep: vocab floats each, this caller's.
-// w, omw: the kind's weight and 1 - w (computed in double by the caller); scale multiplies the gradient.
+// w, omw: the kind's weight and 1 - w (computed in double by the caller); scale multiplies the gradient. AKL only:
+// head_p, head_stride, tau (see Args); null otherwise.
 // Returns 0, or -1 for an unknown kind or dtype.
 int kdiv_rows(int kind, long n, long vocab, const void* s, long s_stride, int s_dtype, const void* t, long t_stride,
               int t_dtype, void* g, long g_stride, int g_dtype, float* eq, float* ep, float* loss, float inv_t, float w,
-              float omw, float scale) {
-    if (kind < FKL || kind > SKEW_RKL || s_dtype < F32 || s_dtype > BF16 || t_dtype < F32 || t_dtype > BF16 ||
+              float omw, float scale, const float* head_p, long head_stride, const float* tau) {
+    if (kind < FKL || kind > AKL || s_dtype < F32 || s_dtype > BF16 || t_dtype < F32 || t_dtype > BF16 ||
         g_dtype < F32 || g_dtype > BF16)
         return -1;
-    const Args a{kind, vocab, inv_t, w, omw, scale};
+    if (kind == AKL && (head_p == nullptr || tau == nullptr)) return -1;
+    const Args a{kind, vocab, inv_t, w, omw, scale, head_p, head_stride, tau};
     if (s_dtype == F32)
         rows_teacher(t_dtype, n, static_cast<const float*>(s), s_stride, t, t_stride, g, g_stride, g_dtype, eq, ep,
                      loss, a);

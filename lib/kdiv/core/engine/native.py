@@ -11,10 +11,12 @@ build (about 3 s; the library is cached, per source, flags, compiler and CPU, so
     KDIV_BACKEND=native python train.py # for a process (falls back to eager with a warning if the build fails)
     kdiv.native_build()                 # build ahead of time (e.g. in a job's set-up); returns the library's path
 
-What it covers: the fast path of forward_kl, reverse_kl, symmetric_kl, js, tvd, skew_kl and skew_reverse_kl, on the
-CPU, for float32 and bfloat16 logits (student and teacher each). Everything else runs eagerly, unchanged: float64
-and float16 logits, CUDA tensors, AKL, the floored path (rows with a -inf logit or an underflowing probability,
-which the kernel hands back as NaN for the engine to recompute, exactly as the eager fast path does).
+What it covers: the fast path of every token-level divergence (forward_kl, reverse_kl, symmetric_kl, js, tvd, skew_kl,
+skew_reverse_kl, akl; AKL's head threshold is still found by :mod:`kdiv.core.head_selection`, on the teacher's
+softmax as the kernel computes it, and the kernel does the rest), on the CPU, for float32 and bfloat16 logits
+(student and teacher each). Everything else runs eagerly, unchanged: float64 and float16 logits, CUDA tensors, the
+floored path (rows with a -inf logit or an underflowing probability, which the kernel hands back as NaN for the
+engine to recompute, exactly as the eager fast path does). Skew divergences at alpha = 1 (identically 0) stay eager.
 
 The compiler is ``$CXX`` or ``c++``, with ``-O3 -march=native``: the library is built for the CPU it runs on, and
 its cache key names that CPU. The cache is ``$KDIV_CACHE_DIR``, else ``$XDG_CACHE_HOME/kdiv``, else
@@ -55,7 +57,7 @@ FLAGS = (
     "-shared",
     "-fPIC",
 )
-_VERSION = 1  # kdiv_rows_version() of the source this module speaks to
+_VERSION = 2  # kdiv_rows_version() of the source this module speaks to
 BACKENDS = ("eager", "native")
 
 _F32, _BF16 = 0, 1
@@ -158,7 +160,11 @@ def _load():
                 c_void, c_long, c_int,  # gradient (None: no gradient)
                 c_void, c_void, c_void,  # scratch (two rows of V floats), loss (n floats)
                 c_float, c_float, c_float, c_float,  # 1/T, w, 1 - w, gradient scale
+                c_void, c_long, c_void,  # AKL: the teacher's probabilities (pointer, row stride), head thresholds
             ]  # fmt: skip
+            sm = lib.kdiv_softmax_rows
+            sm.restype = ctypes.c_int
+            sm.argtypes = [c_long, c_long, c_void, c_long, c_int, c_float, c_void, c_long]
             _library = lib
     return _library
 
@@ -235,7 +241,7 @@ def backend(name: str):
 # ---------------------------------------------------------------------------------------------------------------
 
 # kind codes of fused_rows.cpp, and the weight w each passes (see its mix())
-_FKL, _RKL, _SKL, _JS, _TVD, _SKEW_KL, _SKEW_RKL = range(7)
+_FKL, _RKL, _SKL, _JS, _TVD, _SKEW_KL, _SKEW_RKL, _AKL = range(8)
 
 
 def _kind(kernel, hyper):
@@ -262,20 +268,34 @@ def _kind(kernel, hyper):
         if alpha == 0.0:
             return _kind(k.forward_kl_rows if kernel is k.skew_kl_rows else k.reverse_kl_rows, {})
         return (_SKEW_KL if kernel is k.skew_kl_rows else _SKEW_RKL), 1.0 - alpha, alpha
+    if kernel is k.akl_rows:
+        return _AKL, 0.0, 1.0  # the weights are per row, from the head (NativeKernel.mu)
     return None
 
 
 class NativeKernel:
-    """The native kernel bound to one divergence: ``run(s, t, grad, eq, ep, loss, scale)`` on [n, V] row views."""
+    """The native kernel bound to one divergence: ``run(s, t, grad, eq, ep, loss, scale)`` on [n, V] row views.
+    ``mu``: AKL's head mass (None for the others), whose head the caller finds and passes (head_p, tau)."""
 
-    __slots__ = ("fn", "kind", "w", "omw", "inv_t")
+    __slots__ = ("lib", "fn", "kind", "w", "omw", "inv_t", "mu")
 
-    def __init__(self, fn, kind, w, omw, inv_t):
-        self.fn, self.kind, self.w, self.omw, self.inv_t = fn, kind, w, omw, inv_t
+    def __init__(self, lib, kind, w, omw, inv_t, mu=None):
+        self.lib, self.fn = lib, lib.kdiv_rows
+        self.kind, self.w, self.omw, self.inv_t, self.mu = kind, w, omw, inv_t, mu
 
-    def run(self, s, t, grad, eq, ep, loss, scale):
+    def softmax(self, x, out):
+        """softmax(x / T) of rows x [n, V] (float32 / bfloat16, unit stride along V) into out [n, V] float32."""
+        n, vocab = x.shape
+        rc = self.lib.kdiv_softmax_rows(
+            n, vocab, x.data_ptr(), x.stride(0), _DTYPES[x.dtype], self.inv_t, out.data_ptr(), out.stride(0)
+        )
+        if rc != 0:
+            raise RuntimeError(f"kdiv's native softmax refused its arguments (code {rc})")
+
+    def run(self, s, t, grad, eq, ep, loss, scale, head_p=None, tau=None):
         """s, t: [n, V] (unit stride along V); grad: [n, V] float32 / bfloat16 rows or None; eq, ep: >= V
-        contiguous float32 each (scratch); loss: [n] contiguous float32."""
+        contiguous float32 each (scratch); loss: [n] contiguous float32. AKL: head_p [n, V] float32, the teacher's
+        probabilities, and tau [n] float32 contiguous, the head thresholds on them."""
         n, vocab = s.shape
         g_ptr, g_stride, g_dtype = (None, 0, _F32) if grad is None else (grad.data_ptr(), grad.stride(0), None)
         if grad is not None:
@@ -287,6 +307,8 @@ class NativeKernel:
             g_ptr, g_stride, g_dtype,
             eq.data_ptr(), ep.data_ptr(), loss.data_ptr(),
             self.inv_t, self.w, self.omw, scale,
+            None if head_p is None else head_p.data_ptr(), 0 if head_p is None else head_p.stride(0),
+            None if tau is None else tau.data_ptr(),
         )  # fmt: skip
         if rc != 0:
             raise RuntimeError(f"kdiv's native kernel refused its arguments (code {rc})")
@@ -302,4 +324,5 @@ def native_kernel(kernel, hyper, dtypes, device, temperature, grad_dtype) -> Nat
     kind = _kind(kernel, hyper)
     if kind is None:
         return None
-    return NativeKernel(_load().kdiv_rows, *kind, 1.0 / temperature)
+    mu = float(hyper["mu"]) if kind[0] == _AKL else None
+    return NativeKernel(_load(), *kind, 1.0 / temperature, mu)
