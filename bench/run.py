@@ -185,7 +185,7 @@ def on_native(fn):
     return call
 
 
-NATIVE_NAMES = ("forward_kl", "reverse_kl", "symmetric_kl", "js", "tvd", "skew_kl", "skew_reverse_kl")
+NATIVE_NAMES = ("forward_kl", "reverse_kl", "symmetric_kl", "js", "tvd", "skew_kl", "skew_reverse_kl", "akl")
 
 
 def native_build_seconds(log):
@@ -230,6 +230,8 @@ def bench_shape(n, vocab, device, repeats, names, log, with_native=False):
             cases[f"native/{name}"] = (on_native(kdiv.DIVERGENCES[name]), teacher)
     if "akl" in names:
         cases["kdiv/akl@stress"] = (kdiv.DIVERGENCES["akl"], teacher * (STRESS_STD / LOGIT_STD))
+        if with_native:
+            cases["native/akl@stress"] = (on_native(kdiv.DIVERGENCES["akl"]), teacher * (STRESS_STD / LOGIT_STD))
     for name in (nm for nm in EXTRA_NAMES if nm in names and n % SHIFT_T == 0):
         cases[f"shifted/{name}"] = (shifted(kdiv.DIVERGENCES[name]), teacher)
         cases[f"nograd/{name}"] = (NoGrad(kdiv.DIVERGENCES[name]), teacher)
@@ -312,7 +314,7 @@ def print_table(shape_rows, names, out=print):
                 f"{k['seconds'] / p['seconds']:>11.2f}{k['memory_vs_logits']:>10.2f}{p['memory_vs_logits']:>10.2f}"
                 + native_cols
             )
-        extra = [("kdiv/akl@stress", "akl, std-2 logits")]
+        extra = [("kdiv/akl@stress", "akl, std-2 logits"), ("native/akl@stress", "akl, std-2 logits, native")]
         extra += [(f"{kind}/{nm}", f"{nm}, {kind}") for kind in ("shifted", "nograd") for nm in EXTRA_NAMES]
         extra += [(f"native-shifted/{nm}", f"{nm}, shifted, native") for nm in EXTRA_NAMES]
         for case, label in extra:

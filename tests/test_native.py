@@ -21,8 +21,11 @@ import pytest
 import reference
 import torch
 from cases import DEFAULT_CASES, HYPER_CASES, NAMES
-from kdiv.core.engine import native
+from kdiv.core import head_selection, kernels
+from kdiv.core.engine import chunked, native
+from kdiv.core.headtail import head_threshold
 from kdiv.testing import plain
+from test_chunked import _teachers
 
 RTOL, ATOL, GRAD_ATOL = 1e-5, 1e-7, 2e-7
 COVERED = {"forward_kl", "reverse_kl", "symmetric_kl", "js", "tvd", "skew_kl", "skew_reverse_kl", "akl"}
@@ -271,3 +274,17 @@ def test_environment_variable_and_cache(tmp_path):
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]  # no temporary file left behind
     bad = _python(code, KDIV_BACKEND="fastest")
     assert "KDIV_BACKEND must be one of" in bad.stderr
+
+
+@pytest.mark.parametrize("vocab", [129, 1000, 5000, 32000])
+def test_native_head_threshold_is_head_threshold(vocab):
+    """AKL's head threshold with the native kernel's bisection, selection, sort and prefix sums: exactly
+    kdiv.core.headtail.head_threshold (same ties, same float arithmetic) on teachers of every kind."""
+    kernel = native.native_kernel(kernels.akl_rows, {"mu": 0.5}, (torch.float32,) * 2, torch.device("cpu"), 1.0, None)
+    p = _teachers(vocab, torch.float32, np.random.default_rng(vocab))
+    large = 0
+    for mu in (0.05, 0.3, 0.5, 0.75, 0.9, 0.99):
+        got = head_selection.head_threshold_rows(p, mu, chunked.Scratch.like(p), kernel)
+        assert torch.equal(got, head_threshold(p, mu)), (vocab, mu)
+        large += int(((head_threshold(p, mu).unsqueeze(-1) <= p).sum(-1) > head_selection._TOP_K).sum())
+    assert large > 0  # the large-head path (the native part) was taken

@@ -95,11 +95,20 @@ def _cutoff_above_mu(p, mu, hi, ws):
     return best
 
 
-def _threshold_large_head(p, mu, hi, ws):
+def _threshold_large_head(p, mu, hi, ws, native=None):
     """head_threshold(p, mu) for rows [n, V] whose head has more than _TOP_K tokens, hi [n] a probability at or
     above the threshold: only the probabilities at or above a cutoff holding more than mu of the mass are sorted.
-    ws: a Scratch of p's shape."""
+    ws: a Scratch of p's shape; native: the native backend's kernel, whose fused passes do the bisection (any
+    cutoff with more than mu above it gives the same threshold)."""
     n, vocab = p.shape
+    if native is not None and p.dtype == torch.float32 and p.device.type == "cpu":
+        # the same steps in the native kernel, row by row: the bisection, then the selection, sort and prefix sums
+        cutoff = native.head_cutoff(p, mu, hi, _MASS_SLACK, _FEW_CANDIDATES, _MAX_PASSES)
+        tau, settled = native.head_threshold(p, mu, cutoff)
+        if not bool(settled.all()):
+            redo = (~settled).nonzero().squeeze(1)
+            tau[redo] = head_threshold(p[redo], mu)
+        return tau
     cutoff = _cutoff_above_mu(p, mu, hi, ws)
     if p.device.type == "cpu":
         prefix = _sorted_candidates_numpy(p, cutoff, vocab // 4)
@@ -147,10 +156,11 @@ def _sorted_candidates_numpy(p, cutoff, max_width):
     return torch.from_numpy(prefix)
 
 
-def head_threshold_rows(p, mu, ws):
+def head_threshold_rows(p, mu, ws, native=None):
     """Exactly :func:`kdiv.core.headtail.head_threshold` (same ties, same float arithmetic) for p [n, V], without a
     full sort: a row whose top probability exceeds mu has that as its threshold; a top-_TOP_K settles the rows
-    whose head is small; the rest go through :func:`_threshold_large_head`. ws: a Scratch of p's shape."""
+    whose head is small; the rest go through :func:`_threshold_large_head`. ws: a Scratch of p's shape; native:
+    the native backend's kernel (kdiv.core.engine.native.NativeKernel) for the bisection, or None."""
     n, vocab = p.shape
     if vocab <= _SORT_BELOW or p.device.type == "cuda":
         return head_threshold(p, mu)  # on CUDA: no host sync in the chunk loop (see the module docstring)
@@ -162,9 +172,9 @@ def head_threshold_rows(p, mu, ws):
     if not bool(settled.all()):
         rows = (~settled).nonzero().squeeze(1)
         if rows.numel() == n:
-            tau = _threshold_large_head(p, mu, top[:, -1], ws)
+            tau = _threshold_large_head(p, mu, top[:, -1], ws, native)
         else:
-            tau[rows] = _threshold_large_head(p[rows], mu, top[rows, -1], ws.first_rows(rows.numel()))
+            tau[rows] = _threshold_large_head(p[rows], mu, top[rows, -1], ws.first_rows(rows.numel()), native)
     return tau
 
 

@@ -409,7 +409,7 @@ class _Engine:
 
             head_p = p
             self.native.softmax(t, head_p)
-            tau = head_threshold_rows(head_p, self.native.mu, Scratch(scratch, dot_buf))
+            tau = head_threshold_rows(head_p, self.native.mu, Scratch(scratch, dot_buf), self.native)
             tau = tau.to(torch.float32).contiguous()
         # scratch rows for the kernel's exponentials: the first rows of two buffers this path does not otherwise use
         self.native.run(s, t, grad, q, zs_buf, out, self.scale, head_p, tau)

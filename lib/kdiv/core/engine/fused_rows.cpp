@@ -15,9 +15,11 @@
 // NaN or +-inf, or where a probability the kernel divides by underflows, gets a NaN loss (and an unwritten
 // gradient): the engine recomputes exactly those rows on its eager floored path, as it does for its own fast path.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 
 namespace {
 
@@ -404,12 +406,91 @@ void softmax_row(const T* x, long V, float inv_t, float* out) {
     for (long i = 0; i < V; ++i) out[i] *= inv;
 }
 
+// AKL's bisection for a probability cutoff with more than mu of the row's mass at or above it (see
+// kdiv.core.head_selection._cutoff_above_mu, whose rule this is, row by row): on log c between (1 - mu) / V and hi,
+// stopping once the mass above exceeds mu by at most slack (1 - mu) or at most few tokens are above.
+float head_cutoff_row(const float* p, long V, float mu, float hi, float slack, long few, int max_passes) {
+    float best = (1.0f - mu) / float(V);
+    float log_lo = std::log(best), log_hi = std::log(hi);
+    for (int pass = 0; pass < max_passes; ++pass) {
+        const float mid = (log_lo + log_hi) / 2.0f, cutoff = std::exp(mid);
+        double mass = 0.0;
+        long count = 0;
+        for (long b0 = 0; b0 < V; b0 += BLOCK) {
+            const long b1 = b0 + BLOCK < V ? b0 + BLOCK : V;
+            float m = 0.0f;
+            int c = 0;
+#pragma omp simd reduction(+ : m, c)
+            for (long i = b0; i < b1; ++i) {
+                const bool above = p[i] >= cutoff;
+                m += above ? p[i] : 0.0f;
+                c += above ? 1 : 0;
+            }
+            mass += m;
+            count += c;
+        }
+        if (mass > mu) {
+            best = cutoff > best ? cutoff : best;
+            log_lo = mid;
+            if (mass <= mu + slack * (1.0f - mu) || count <= few) break;
+        } else {
+            log_hi = mid;
+        }
+    }
+    return best;
+}
+
+// kdiv.core.headtail.threshold's arithmetic on the probabilities >= cutoff of one row (its sorted prefix, if the
+// cutoff has more than mu above it): sorted in descending order, cumulative sums accumulated in double and rounded
+// to float32 at every position (as torch's cumsum does on the CPU), a tie group's mass read at its last member,
+// compared with mu in float32. Returns the threshold, and whether the prefix's total exceeds mu (else the caller
+// sorts the whole row). buf: vocab floats.
+float head_threshold_row(const float* p, long V, float mu, float cutoff, float* buf, bool& settled) {
+    long k = 0;
+    for (long i = 0; i < V; ++i) {
+        if (p[i] >= cutoff) buf[k++] = p[i];
+    }
+    std::sort(buf, buf + k, std::greater<float>());
+    long n_head = 0;
+    double cum = 0.0;
+    float mass = 0.0f;
+    for (long i = 0; i < k;) {
+        long j = i;  // the tie group buf[i..j]
+        while (j + 1 < k && buf[j + 1] == buf[i]) ++j;
+        for (long m = i; m <= j; ++m) cum += buf[m];
+        mass = float(cum);  // the cumsum at the group's last member
+        if (!(mass <= mu)) break;
+        n_head = j + 1;
+        i = j + 1;
+    }
+    settled = float(cum) > mu;  // (cum: the whole prefix's sum, or already more than mu where the loop stopped)
+    return k == 0 ? 0.0f : buf[(n_head > 1 ? n_head : 1) - 1];
+}
+
 }  // namespace
 
 extern "C" {
 
 // The interface version kdiv.core.engine.native checks.
 int kdiv_rows_version() { return 2; }
+
+// head_cutoff_row for n rows of p (float32, row stride p_stride), hi[r] a probability at or above the row's
+// threshold: cutoffs into out[r].
+void kdiv_head_cutoff(long n, long vocab, const float* p, long p_stride, float mu, const float* hi, float slack,
+                      long few, int max_passes, float* out) {
+    for (long r = 0; r < n; ++r) out[r] = head_cutoff_row(p + r * p_stride, vocab, mu, hi[r], slack, few, max_passes);
+}
+
+// head_threshold_row for n rows: thresholds into tau[r], settled[r] = 1 where the prefix decided it (0: the caller
+// sorts that row whole). buf: vocab floats.
+void kdiv_head_threshold(long n, long vocab, const float* p, long p_stride, float mu, const float* cutoff,
+                         float* buf, float* tau, uint8_t* settled) {
+    for (long r = 0; r < n; ++r) {
+        bool ok = false;
+        tau[r] = head_threshold_row(p + r * p_stride, vocab, mu, cutoff[r], buf, ok);
+        settled[r] = ok ? 1 : 0;
+    }
+}
 
 // softmax(x / T) of n rows (row stride x_stride, dtype x_dtype) into out (float32, row stride out_stride): AKL's
 // teacher probabilities, on which the caller finds the head. Rows with NaN or inf come out NaN (the caller's

@@ -165,6 +165,12 @@ def _load():
             sm = lib.kdiv_softmax_rows
             sm.restype = ctypes.c_int
             sm.argtypes = [c_long, c_long, c_void, c_long, c_int, c_float, c_void, c_long]
+            hc = lib.kdiv_head_cutoff
+            hc.restype = None
+            hc.argtypes = [c_long, c_long, c_void, c_long, c_float, c_void, c_float, c_long, c_int, c_void]
+            ht = lib.kdiv_head_threshold
+            ht.restype = None
+            ht.argtypes = [c_long, c_long, c_void, c_long, c_float, c_void, c_void, c_void, c_void]
             _library = lib
     return _library
 
@@ -291,6 +297,32 @@ class NativeKernel:
         )
         if rc != 0:
             raise RuntimeError(f"kdiv's native softmax refused its arguments (code {rc})")
+
+    def head_cutoff(self, p, mu, hi, slack, few, max_passes):
+        """AKL's bisection for a cutoff above mu of the mass, row by row in one fused pass per step (the rule of
+        kdiv.core.head_selection._cutoff_above_mu): p [n, V] float32 rows, hi [n] -> [n] float32."""
+        n, vocab = p.shape
+        hi = hi.to(torch.float32).contiguous()
+        out = torch.empty(n, dtype=torch.float32)
+        self.lib.kdiv_head_cutoff(
+            n, vocab, p.data_ptr(), p.stride(0), mu, hi.data_ptr(), slack, few, max_passes, out.data_ptr()
+        )
+        return out
+
+    def head_threshold(self, p, mu, cutoff):
+        """kdiv.core.headtail.threshold's arithmetic on each row's probabilities >= cutoff (sorted, cumulative
+        sums as torch's CPU cumsum forms them): (tau [n], settled [n] bool); a row not settled (its prefix holds no
+        more than mu) must be sorted whole. p [n, V] float32 rows, cutoff [n]."""
+        n, vocab = p.shape
+        cutoff = cutoff.to(torch.float32).contiguous()
+        buf = torch.empty(vocab, dtype=torch.float32)
+        tau = torch.empty(n, dtype=torch.float32)
+        settled = torch.empty(n, dtype=torch.uint8)
+        self.lib.kdiv_head_threshold(
+            n, vocab, p.data_ptr(), p.stride(0), mu, cutoff.data_ptr(), buf.data_ptr(), tau.data_ptr(),
+            settled.data_ptr(),
+        )  # fmt: skip
+        return tau, settled.bool()
 
     def run(self, s, t, grad, eq, ep, loss, scale, head_p=None, tau=None):
         """s, t: [n, V] (unit stride along V); grad: [n, V] float32 / bfloat16 rows or None; eq, ep: >= V
