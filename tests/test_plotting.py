@@ -221,3 +221,22 @@ def test_gif_restores_the_figure_and_rejects_bad_arguments(figures):
     with pytest.raises(ValueError, match="colors"):
         kp.save_gif(fig, update, 3, "c", colors=1)
     plt.close(fig)
+
+
+def test_savefig_draws_the_same_file_for_data_that_differ_in_their_last_bits(tmp_path):
+    """Float64 results differ in their last bits between CPUs; savefig rounds the drawn data to float32, so the
+    file does not."""
+    x = np.linspace(0.0, 1.0, 200)
+    y = np.sin(7 * x) * np.exp(-x)
+    digests = []
+    for eps in (0.0, 1e-15):
+        fig, ax = plt.subplots(figsize=(3, 2))
+        _ = ax.plot(x, y * (1 + eps))
+        _ = ax.scatter(x[::20], y[::20] * (1 + eps))
+        _ = ax.fill_between(x, y * (1 + eps), 0.0, alpha=0.3)
+        path = kp.savefig(fig, "stable", folder=tmp_path)
+        plt.close(fig)
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+        assert ax.lines[0].get_ydata().dtype == np.float64
+        assert np.array_equal(ax.lines[0].get_ydata(), (y * (1 + eps)).astype(np.float32).astype(np.float64))
+    assert digests[0] == digests[1]

@@ -314,13 +314,45 @@ def _target(name: str, suffix: str, folder=None) -> Path:
     return figures_dir(folder) / f"{stem}{suffix}"
 
 
+def _float32(values):
+    """values rounded to float32 (as float64), or unchanged where they are not a float array."""
+    a = np.ma.asarray(values)
+    if a.dtype.kind != "f":
+        return values
+    return (
+        np.ma.asarray(a.astype(np.float32), dtype=np.float64)
+        if np.ma.is_masked(a)
+        else a.astype(np.float32).astype(np.float64)
+    )
+
+
+def stabilise(fig) -> None:
+    """Round the data of the figure's lines, scatter offsets and filled areas to float32, in place.
+
+    The same float64 computation differs in its last bits between CPUs (the vector width changes the order of
+    torch's and numpy's sums), which can move an antialiased edge by one grey level; rounded to float32 (7 digits,
+    far below a pixel), the drawn data, and so the file, are the same on every machine."""
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            line.set_data(_float32(line.get_xdata(orig=True)), _float32(line.get_ydata(orig=True)))
+        for coll in ax.collections:
+            offsets = coll.get_offsets()
+            if len(offsets):
+                coll.set_offsets(_float32(offsets))
+            for path in coll.get_paths():
+                if path.vertices.flags.writeable:
+                    path.vertices[...] = _float32(path.vertices)
+
+
 def savefig(fig, name: str, *, folder=None, dpi: int = DPI) -> Path:
     """Write ``<folder>/<name>.png`` (see :func:`figures_dir`) at a fixed dpi with no run-dependent bytes;
     returns the path.
 
     The figure stays open (close it with ``plt.close(fig)``). Metadata is cleared so the file does not change with
-    the matplotlib version either.
+    the matplotlib version either, and the data are rounded to float32 first (:func:`stabilise`) so that it does not
+    change with the CPU.
     """
+    stabilise(fig)
     path = _target(name, ".png", folder)
     with style():  # the file must not depend on rc changes made after the figure was built
         fig.savefig(path, dpi=dpi, facecolor="white", metadata={"Software": None})

@@ -46,10 +46,16 @@ from ..checks import warn
 __all__ = ["BACKENDS", "backend", "get_backend", "native_build", "native_kernel", "set_backend"]
 
 SOURCE = Path(__file__).with_name("fused_rows.cpp")
+# Built for the CPU it runs on: -march=native on x86 (with the widest vectors it has: GCC prefers 256 or even 128 bits
+# on some CPUs by default), -mcpu=native on ARM, where -march=native is not what selects the core.
+_TARGET = (
+    ("-march=native", "-mprefer-vector-width=512")
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+    else ("-mcpu=native",)
+)
 FLAGS = (
     "-O3",
-    "-march=native",
-    "-mprefer-vector-width=512",
+    *_TARGET,
     "-fno-math-errno",
     "-fno-trapping-math",
     "-fopenmp-simd",
