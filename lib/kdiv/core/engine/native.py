@@ -4,7 +4,8 @@ The eager engine runs each divergence as ~10-25 torch ops per chunk, each a pass
 where soft-target CE is fast that costs 0.7-1.4 x CE. The native kernel does a row in at most four passes with the
 row's exponentials in cache, and is the same mathematics (the formulas of :mod:`kdiv.core.kernels`, exact
 normalisation, sums in double). It is opt in, because it needs a C++ compiler at run time and costs a one-time
-build (about 3 s; the library is cached, per source, flags, compiler and CPU, so later processes load it at once)::
+build (3.5-3.7 s on a 2-core VM; the library is cached, per source, flags, compiler and CPU, so later processes
+load it at once)::
 
     kdiv.set_backend("native")          # builds now (or raises, with the compiler's message)
     with kdiv.backend("native"): ...    # for a block of code
