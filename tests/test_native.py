@@ -27,6 +27,11 @@ from kdiv.core.headtail import head_threshold
 from kdiv.testing import plain
 from test_chunked import _teachers
 
+try:
+    kdiv.native_build()
+except RuntimeError as e:  # no C++ compiler here: the eager backend is all there is (make unit says so too)
+    pytest.skip(f"the native backend cannot be built here: {e}", allow_module_level=True)
+
 RTOL, ATOL, GRAD_ATOL = 1e-5, 1e-7, 2e-7
 COVERED = {"forward_kl", "reverse_kl", "symmetric_kl", "js", "tvd", "skew_kl", "skew_reverse_kl", "akl"}
 
