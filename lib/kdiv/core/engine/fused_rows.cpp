@@ -6,14 +6,16 @@
 // scratch (in the cache at V = 32k; for a float32 gradient the gradient row itself is one of them):
 //   1. max of both logits;
 //   2. e_s = exp((s - max s) / T), e_t likewise, stored; their sums and sum e * (a_s - a_t) in float blocks
-//      accumulated in double (a NaN or infinite logit makes one of them NaN or inf: the row is handed back). Normalising by the sum of the stored values (q = e_s / sum e_s) makes sum q = 1 to
-//      double precision, so the row constant lse_s - lse_t (<= log V) can be added after a sum without the
-//      rounding of sum q multiplying it;
-//   3. (TVD and the mixture divergences) sums over the normalised probabilities;
+//      accumulated in double (a NaN or infinite logit makes one of them NaN or inf: the row is handed back).
+//      Normalising by the sum of the stored values (q = e_s / sum e_s) makes sum q = 1 to double precision, so the
+//      row constant lse_s - lse_t (<= log V) can be added after a sum without the rounding of sum q multiplying it;
+//   3. (TVD, AKL and the mixture divergences) sums over the normalised probabilities;
 //   4. the gradient, scale * d loss / d (s / T), written once.
 // The formulas are those of kdiv.core.kernels (the eager row kernels), written per element. A row whose logits hold
 // NaN or +-inf, or where a probability the kernel divides by underflows, gets a NaN loss (and an unwritten
 // gradient): the engine recomputes exactly those rows on its eager floored path, as it does for its own fast path.
+// Also here, for AKL's head (kdiv.core.head_selection): the teacher's softmax, the bisection for a cutoff above mu,
+// and headtail.threshold's arithmetic on the probabilities above it.
 
 #include <algorithm>
 #include <cmath>
