@@ -98,7 +98,7 @@ def _cutoff_above_mu(p, mu, hi, ws):
 def _threshold_large_head(p, mu, hi, ws, native=None):
     """head_threshold(p, mu) for rows [n, V] whose head has more than _TOP_K tokens, hi [n] a probability at or
     above the threshold: only the probabilities at or above a cutoff holding more than mu of the mass are sorted.
-    ws: a Scratch of p's shape; native: the native backend's kernel, whose fused passes do the bisection (any
+    ws: a Scratch of p's shape; native: the native backend's kernel, which does the same steps row by row (any
     cutoff with more than mu above it gives the same threshold)."""
     n, vocab = p.shape
     if native is not None and p.dtype == torch.float32 and p.device.type == "cpu":
@@ -160,7 +160,8 @@ def head_threshold_rows(p, mu, ws, native=None):
     """Exactly :func:`kdiv.core.headtail.head_threshold` (same ties, same float arithmetic) for p [n, V], without a
     full sort: a row whose top probability exceeds mu has that as its threshold; a top-_TOP_K settles the rows
     whose head is small; the rest go through :func:`_threshold_large_head`. ws: a Scratch of p's shape; native:
-    the native backend's kernel (kdiv.core.engine.native.NativeKernel) for the bisection, or None."""
+    the native backend's kernel (kdiv.core.engine.native.NativeKernel), which then does the large heads' bisection,
+    selection, sort and prefix sums, or None."""
     n, vocab = p.shape
     if vocab <= _SORT_BELOW or p.device.type == "cuda":
         return head_threshold(p, mu)  # on CUDA: no host sync in the chunk loop (see the module docstring)

@@ -49,6 +49,7 @@ __all__ = [
     "figures_dir",
     "set_figures_dir",
     "savefig",
+    "stabilise",
     "save_gif",
 ]
 
@@ -316,14 +317,8 @@ def _target(name: str, suffix: str, folder=None) -> Path:
 
 def _float32(values):
     """values rounded to float32 (as float64), or unchanged where they are not a float array."""
-    a = np.ma.asarray(values)
-    if a.dtype.kind != "f":
-        return values
-    return (
-        np.ma.asarray(a.astype(np.float32), dtype=np.float64)
-        if np.ma.is_masked(a)
-        else a.astype(np.float32).astype(np.float64)
-    )
+    a = np.ma.asarray(values)  # (a masked array keeps its mask through astype)
+    return a.astype(np.float32).astype(np.float64) if a.dtype.kind == "f" else values
 
 
 def stabilise(fig) -> None:

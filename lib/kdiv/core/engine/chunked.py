@@ -359,6 +359,15 @@ class _Engine:
             buf.div_(self.temperature)
         return buf
 
+    def _gradient_target(self, block, grad_buf, in_place):
+        """(grad, direct) for a block: with `in_place` (a dtype the kernel writes), gradient rows that can be viewed
+        are written in place (direct is that view); others go through grad_buf (direct None, written back after);
+        (None, None) without a gradient."""
+        if not self.want_grad:
+            return None, None
+        direct = self.grad_rows.view(block) if in_place and isinstance(block, slice) else None
+        return (grad_buf if direct is None else direct), direct
+
     def run_block(self, block, buffers, loss, floored=False):
         """Loss of the rows `block` (a slice or an index tensor) into loss[block], gradient into the gradient rows."""
         n = (block.stop - block.start) if isinstance(block, slice) else block.numel()
@@ -369,12 +378,7 @@ class _Engine:
         zs = self._logits(self.student, block, zs_buf, floored)
         zt = self._logits(self.teacher, block, zt_buf, floored)
         lse_s, lse_t = _softmax(zs, q, floored), _softmax(zt, p, floored)
-        grad, direct = None, None
-        if self.want_grad:
-            # compute-dtype gradient rows that can be viewed are written in place; others go through a buffer
-            if isinstance(block, slice) and self.grad_dtype == self.dtype:
-                direct = self.grad_rows.view(block)
-            grad = grad_buf if direct is None else direct
+        grad, direct = self._gradient_target(block, grad_buf, in_place=self.grad_dtype == self.dtype)
         chunk = Chunk(zs, zt, q, p, grad, self.scale, scratch, dot_buf, floored, lse_s, lse_t)
         # every divergence is >= 0: a rounding error below 0 (q ~ p) is clamped, not returned
         loss[block] = self.kernel(chunk, **self.hyper).clamp_min_(0.0)
@@ -395,11 +399,7 @@ class _Engine:
         floored path's, as on the eager fast path."""
         q, p, zs_buf, zt_buf, grad_buf, dot_buf, scratch = buffers(n)
         out = loss[block] if isinstance(block, slice) else torch.empty(n, dtype=loss.dtype, device=loss.device)
-        grad, direct = None, None
-        if self.want_grad:
-            if isinstance(block, slice):
-                direct = self.grad_rows.view(block)
-            grad = grad_buf if direct is None else direct
+        grad, direct = self._gradient_target(block, grad_buf, in_place=True)  # the kernel writes fp32 and bf16 rows
         s, t = self.student.read(block), self.teacher.read(block)
         head_p = tau = None
         if self.native.mu is not None:
