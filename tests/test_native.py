@@ -97,6 +97,16 @@ def test_matches_float64_and_eager(name, hyper, temperature, calls):
     assert (calls[0] > 0) == covered
 
 
+@pytest.mark.parametrize("name, hyper", DEFAULT_CASES + HYPER_CASES)
+def test_identical_models_give_exactly_zero(name, hyper):
+    """D(x, x) = 0 and its gradient 0 exactly, as on the eager engine: q - p is formed so that it is 0 where the rows
+    are equal (not the rounding of p), and the mixtures' log u is log(1 + 0)."""
+    x = torch.randn(6, 3001, generator=torch.Generator().manual_seed(4)) * 4
+    loss, grad = _value_and_grad(name, x, x, **hyper)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
 @pytest.mark.parametrize("vocab", [1, 2, 7, 1023, 1024, 1025, 3001])
 @pytest.mark.divergences("chosen", reason="vocabulary sizes around the kernel's block of 1024 and its SIMD width")
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "js", "tvd", "skew_reverse_kl"])
