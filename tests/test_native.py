@@ -291,6 +291,20 @@ def test_environment_variable_and_cache(tmp_path):
     assert "KDIV_BACKEND must be one of" in bad.stderr
 
 
+def test_kernel_benchmark_builds_and_runs():
+    """bench/native_kernel.py (the kernel alone, against a git revision of itself) at a toy size: it builds its
+    driver with the backend's flags and times every kind."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "native_kernel.py")
+    done = subprocess.run(
+        [sys.executable, script, "--shapes", "2x1031", "--rounds", "1"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    kinds = ["forward_kl", "reverse_kl", "symmetric_kl", "js", "tvd", "skew_kl", "skew_reverse_kl"]
+    rows = [words for words in map(str.split, done.stdout.splitlines()) if words and words[0] in kinds]
+    assert [r[0] for r in rows] == kinds
+    assert all(float(r[1]) > 0 for r in rows)
+
+
 @pytest.mark.parametrize("vocab", [129, 1000, 5000, 32000])
 def test_native_head_threshold_is_head_threshold(vocab):
     """AKL's head threshold with the native kernel's bisection, selection, sort and prefix sums: exactly

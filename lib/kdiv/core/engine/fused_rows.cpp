@@ -86,7 +86,7 @@ inline float klog(float x) {
 // (and 0 where a == b); t = 1 / u - 1 = -x / u likewise. Where u < 1/2 (a << b with w near 1), 1 + x cancels:
 // there u = w a / b + (1 - w) directly (u_direct: a sum of two non-negative terms, accurate for any a, b, w). The
 // divisions are w / b and 1 / u_direct, the latter off the path through the select of u (1 + x and u_direct differ
-// by an ulp or two where it matters): with that select before it, the skew divergences took 5-12 % longer.
+// by an ulp or two where it matters): with that select before it, the skew divergences took 15-22 % longer.
 // b = 0 gives inf / NaN (the row is then recomputed on the floored path).
 struct Mix {
     float log_u, t;
