@@ -118,10 +118,22 @@ class PeakMemory:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def make_inputs(n, vocab, device, std, seed=0):
+def make_inputs(n, vocab, device, std, seed=0, family="gaussian"):
+    """Student and teacher logits [n, vocab]. "gaussian": independent N(0, std^2) entries. "lm": a peaked,
+    LM-like teacher (each row a Zipf profile, p ~ rank^-1.5 over a random order of the vocabulary, times a
+    log-normal factor of std 0.5: top-1 probability ~0.4, entropy ~3 nats) and a student that roughly agrees
+    with it (the teacher's logits plus N(0, 2^2) noise); std is then unused."""
     g = torch.Generator(device=device).manual_seed(seed)
-    student = torch.randn(n, vocab, generator=g, device=device).mul_(std)
-    teacher = torch.randn(n, vocab, generator=g, device=device).mul_(std)
+    if family == "gaussian":
+        student = torch.randn(n, vocab, generator=g, device=device).mul_(std)
+        teacher = torch.randn(n, vocab, generator=g, device=device).mul_(std)
+        return student, teacher
+    if family != "lm":
+        raise ValueError(f"family must be 'gaussian' or 'lm', got {family!r}")
+    ranks = torch.rand(n, vocab, generator=g, device=device).argsort(dim=-1).add_(1).float()
+    teacher = ranks.log_().mul_(-1.5).add_(torch.randn(n, vocab, generator=g, device=device).mul_(0.5))
+    del ranks
+    student = teacher + torch.randn(n, vocab, generator=g, device=device).mul_(2.0)
     return student, teacher
 
 
@@ -217,10 +229,11 @@ def run_case(fn, student, target, device):
     return elapsed
 
 
-def bench_shape(n, vocab, device, repeats, names, log, with_native=False):
+def bench_shape(n, vocab, device, repeats, names, log, with_native=False, logits=("gaussian", LOGIT_STD)):
     """{case: {"times": [...], "memory": bytes, "ratios": [...]}} for one shape; cases "ce", "kdiv/<name>",
-    "plain/<name>", "kdiv/akl@stress" (AKL with a flatter teacher, whose head is large)."""
-    student, teacher = make_inputs(n, vocab, device, LOGIT_STD)
+    "plain/<name>", "kdiv/akl@stress" (AKL with a flatter teacher, whose head is large: default logits only)."""
+    family, std = logits
+    student, teacher = make_inputs(n, vocab, device, std, family=family)
     targets = torch.softmax(teacher, dim=-1)  # CE's soft targets: an input, made before any measurement
     cases = {"ce": (plain.soft_cross_entropy, targets), "floor": (floor, teacher)}
     for name in names:
@@ -228,7 +241,7 @@ def bench_shape(n, vocab, device, repeats, names, log, with_native=False):
         cases[f"plain/{name}"] = (plain.DIVERGENCES[name], teacher)
         if with_native and name in NATIVE_NAMES:
             cases[f"native/{name}"] = (on_native(kdiv.DIVERGENCES[name]), teacher)
-    if "akl" in names:
+    if "akl" in names and logits == ("gaussian", LOGIT_STD):
         cases["kdiv/akl@stress"] = (kdiv.DIVERGENCES["akl"], teacher * (STRESS_STD / LOGIT_STD))
         if with_native:
             cases["native/akl@stress"] = (on_native(kdiv.DIVERGENCES["akl"]), teacher * (STRESS_STD / LOGIT_STD))
@@ -446,6 +459,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--no-figure", action="store_true")
     ap.add_argument("--no-native", action="store_true", help="leave out the native backend's cases")
+    ap.add_argument(
+        "--logits",
+        default=f"std{LOGIT_STD:g}",
+        help=f"input logits: stdS (Gaussian of std S; default std{LOGIT_STD:g}) or lm (peaked, LM-like: make_inputs)",
+    )
     ap.add_argument("--tag", default="", help="appended to the results file's name (e.g. a before / after run)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the figure and table from results_<device>.json")
     args = ap.parse_args(argv)
@@ -464,6 +482,12 @@ def main(argv=None):
         shapes = [(max(1, n // 4), v) for n, v in shapes]
     repeats = args.repeats or (1 if args.quick else 4)
     names = NAMES if args.names is None else args.names.split(",")
+    if args.logits == "lm":
+        logits = ("lm", LOGIT_STD)
+    elif args.logits.startswith("std"):
+        logits = ("gaussian", float(args.logits[3:]))
+    else:
+        ap.error(f"--logits must be stdS (e.g. std1) or lm, got {args.logits!r}")
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -474,15 +498,16 @@ def main(argv=None):
     shape_rows, raw = {}, {}
     for n, vocab in shapes:
         log(f"{n} x {vocab}")
-        results = bench_shape(n, vocab, args.device, repeats, names, log, with_native=build is not None)
+        results = bench_shape(n, vocab, args.device, repeats, names, log, with_native=build is not None, logits=logits)
         raw[f"{n}x{vocab}"] = results
         shape_rows[(n, vocab)] = summarise(results, n, vocab)
     info = machine_info(args.device)
     info.update(
         {
             "repeats": repeats,
-            "logit_std": LOGIT_STD,
-            "stress_std": STRESS_STD,
+            "logits": args.logits,
+            "logit_std": logits[1] if logits[0] == "gaussian" else None,
+            "stress_std": STRESS_STD if logits == ("gaussian", LOGIT_STD) else None,
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
             "wall_seconds": round(time.time() - start, 1),
@@ -500,6 +525,7 @@ def main(argv=None):
     # results_cpu.json (and the figure) for the default run only; other runs are tagged
     suffix = ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
     suffix += "_partial" if args.shapes is not None or args.names is not None else ""
+    suffix += f"_{args.logits}" if logits != ("gaussian", LOGIT_STD) else ""
     suffix += f"_{args.tag}" if args.tag else ""
     out = HERE / f"results_{args.device}{suffix}.json"
     out.write_text(

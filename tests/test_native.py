@@ -317,3 +317,21 @@ def test_native_head_threshold_is_head_threshold(vocab):
         assert torch.equal(got, head_threshold(p, mu)), (vocab, mu)
         large += int(((head_threshold(p, mu).unsqueeze(-1) <= p).sum(-1) > head_selection._TOP_K).sum())
     assert large > 0  # the large-head path (the native part) was taken
+
+
+@pytest.mark.parametrize("vocab", [32000, 128256])
+def test_native_head_threshold_on_flat_teachers(vocab):
+    """Heads of thousands to tens of thousands of tokens (std-1 and std-0.5 Gaussian logits, and the same with
+    probabilities rounded to few values: long tie groups), which the kernel sorts by radix: still exactly
+    head_threshold."""
+    kernel = native.native_kernel(kernels.akl_rows, {"mu": 0.5}, (torch.float32,) * 2, torch.device("cpu"), 1.0, None)
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(4, vocab, generator=g) * torch.tensor([[1.0], [1.0], [0.5], [0.5]])
+    p = torch.softmax(logits, dim=-1)
+    tied = (p * 2**20).round() / 2**20  # a few hundred distinct values per row
+    for rows in (p, tied / tied.sum(-1, keepdim=True)):
+        for mu in (0.3, 0.5, 0.9):
+            want = head_threshold(rows, mu)
+            assert ((rows >= want.unsqueeze(-1)).sum(-1) > 1000).all()  # heads large enough for the radix sort
+            got = head_selection.head_threshold_rows(rows, mu, chunked.Scratch.like(rows), kernel)
+            assert torch.equal(got, want), (vocab, mu)
