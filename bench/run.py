@@ -28,6 +28,10 @@ resident set size, and resets its peak (``/proc/self/clear_refs``); after the ru
 baseline is the case's extra memory. The inputs (student and teacher logits, the CE targets) exist before the
 baseline. On CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated memory before the run.
 
+Inputs: Gaussian logits of std 4 for both models (and std 2 for AKL's ``@stress`` case); ``--logits std1`` (any
+std) or ``--logits lm`` (a peaked, LM-like teacher and a student near it: see make_inputs) for the other input
+families the targets cover, written to results files tagged with the family.
+
 Usage: ``python bench/run.py`` (``make bench``), ``--quick`` (``make bench QUICK=1``: one round, N / 4), see
 ``--help``. Writes figures/bench_<device>.png and bench/results_<device>.json.
 """
