@@ -104,7 +104,7 @@ inline Mix mix(float a, float b, float w, float omw) {
     if (WANT_T) {
         inv_u = 1.0f / u_direct;
     } else {
-        // only the rounding term needs 1/u, and only to a few digits (the term is < 1 ulp of log u): a bit-trick
+        // only the rounding term needs 1/u, and only to a few digits (the term is < 1 ulp of u): a bit-trick
         // estimate (12 %) and one Newton step (1.5 %) instead of a division
         inv_u = from_bits(0x7ef311c3u - to_bits(u_direct));
         inv_u = inv_u * std::fma(-u_direct, inv_u, 2.0f);
