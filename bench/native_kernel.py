@@ -19,7 +19,6 @@ table; writes nothing.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from kdiv.core.engine import native
+from run import _cpu_model
 
 KINDS = ("forward_kl", "reverse_kl", "symmetric_kl", "js", "tvd", "skew_kl", "skew_reverse_kl")
 
@@ -57,7 +57,7 @@ int main(int argc, char** argv) {
             const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
             best = seconds < best ? seconds : best;
         }
-        std::printf("%d %.6f %.9g\n", kind, best / double(n * V) * 1e9, loss[0]);
+        std::printf("%d %.6f\n", kind, best / double(n * V) * 1e9);
     }
     return 0;
 }
@@ -82,14 +82,10 @@ def _build(source: Path, out: Path, march: str | None) -> Path:
     return out
 
 
-def _run(binary: Path, n: int, vocab: int) -> dict[str, tuple[float, float]]:
+def _run(binary: Path, n: int, vocab: int) -> dict[str, float]:
+    """{kind: ns per element} of one run of a driver."""
     out = subprocess.run([str(binary), str(n), str(vocab)], capture_output=True, text=True, check=True).stdout
-    rows = {}
-    for line in out.split("\n"):
-        if line:
-            kind, ns, loss = line.split()
-            rows[KINDS[int(kind)]] = (float(ns), float(loss))
-    return rows
+    return {KINDS[int(kind)]: float(ns) for kind, ns in map(str.split, out.splitlines())}
 
 
 def main() -> None:
@@ -104,10 +100,11 @@ def main() -> None:
         tmp = Path(tmp)
         sources = {"this": native.SOURCE}
         if args.against:
-            rel = native.SOURCE.resolve().relative_to(_repo_root())
+            root = _repo_root()
+            rel = native.SOURCE.resolve().relative_to(root)
             text = subprocess.run(
                 ["git", "show", f"{args.against}:{rel.as_posix()}"],
-                cwd=_repo_root(),
+                cwd=root,
                 capture_output=True,
                 text=True,
                 check=True,
@@ -117,16 +114,14 @@ def main() -> None:
         binaries = {
             label: _build(src, tmp / f"driver{i}", args.march) for i, (label, src) in enumerate(sources.items())
         }
-        print(f"{_cpu_model()}; flags: {' '.join(_flags(args.march))}")
+        print(f"{_cpu_model() or 'an unnamed CPU'}; flags: {' '.join(_flags(args.march))}")
         for shape in args.shapes.split(","):
             n, vocab = (int(x) for x in shape.lower().split("x"))
             times = {label: {k: [] for k in KINDS} for label in binaries}
-            losses = {}
             for _ in range(args.rounds):
                 for label, binary in binaries.items():
-                    for kind, (ns, loss) in _run(binary, n, vocab).items():
+                    for kind, ns in _run(binary, n, vocab).items():
                         times[label][kind].append(ns)
-                        losses[label, kind] = loss
             labels = list(binaries)
             head = "".join(f"{label[:14]:>16}" for label in labels)
             print(f"\n{n} x {vocab}, ns per element, one core (median of {args.rounds} rounds)")
@@ -137,14 +132,6 @@ def main() -> None:
                 if len(labels) > 1:
                     line += f"{med[-1] / med[0]:>21.2f}"
                 print(line)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def _repo_root() -> Path:

@@ -69,6 +69,7 @@ NAMES = list(kdiv.DIVERGENCES)
 # also run on std-2 logits, whose head is hundreds to thousands of tokens (entropy 8-10 nats): its slow case.
 LOGIT_STD = 4.0
 STRESS_STD = 2.0
+DEFAULT_LOGITS = ("gaussian", LOGIT_STD)  # (family, std) of make_inputs; --logits picks another
 TARGETS = {"time": 0.6, "time_akl": 1.5, "memory": 1.25}
 # the divergences also run shifted and without gradient (each costs a full case; these two cover both kernel kinds)
 EXTRA_NAMES = ("forward_kl", "akl")
@@ -233,7 +234,7 @@ def run_case(fn, student, target, device):
     return elapsed
 
 
-def bench_shape(n, vocab, device, repeats, names, log, with_native=False, logits=("gaussian", LOGIT_STD)):
+def bench_shape(n, vocab, device, repeats, names, log, with_native=False, logits=DEFAULT_LOGITS):
     """{case: {"times": [...], "memory": bytes, "ratios": [...]}} for one shape; cases "ce", "kdiv/<name>",
     "plain/<name>", "kdiv/akl@stress" (AKL with a flatter teacher, whose head is large: default logits only)."""
     family, std = logits
@@ -245,7 +246,7 @@ def bench_shape(n, vocab, device, repeats, names, log, with_native=False, logits
         cases[f"plain/{name}"] = (plain.DIVERGENCES[name], teacher)
         if with_native and name in NATIVE_NAMES:
             cases[f"native/{name}"] = (on_native(kdiv.DIVERGENCES[name]), teacher)
-    if "akl" in names and logits == ("gaussian", LOGIT_STD):
+    if "akl" in names and logits == DEFAULT_LOGITS:
         cases["kdiv/akl@stress"] = (kdiv.DIVERGENCES["akl"], teacher * (STRESS_STD / LOGIT_STD))
         if with_native:
             cases["native/akl@stress"] = (on_native(kdiv.DIVERGENCES["akl"]), teacher * (STRESS_STD / LOGIT_STD))
@@ -487,11 +488,12 @@ def main(argv=None):
     repeats = args.repeats or (1 if args.quick else 4)
     names = NAMES if args.names is None else args.names.split(",")
     if args.logits == "lm":
-        logits = ("lm", LOGIT_STD)
+        logits = ("lm", None)
     elif args.logits.startswith("std"):
         logits = ("gaussian", float(args.logits[3:]))
     else:
         ap.error(f"--logits must be stdS (e.g. std1) or lm, got {args.logits!r}")
+    default_logits = logits == DEFAULT_LOGITS
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -510,8 +512,8 @@ def main(argv=None):
         {
             "repeats": repeats,
             "logits": args.logits,
-            "logit_std": logits[1] if logits[0] == "gaussian" else None,
-            "stress_std": STRESS_STD if logits == ("gaussian", LOGIT_STD) else None,
+            "logit_std": logits[1],
+            "stress_std": STRESS_STD if default_logits else None,
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
             "wall_seconds": round(time.time() - start, 1),
@@ -529,7 +531,7 @@ def main(argv=None):
     # results_cpu.json (and the figure) for the default run only; other runs are tagged
     suffix = ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
     suffix += "_partial" if args.shapes is not None or args.names is not None else ""
-    suffix += f"_{args.logits}" if logits != ("gaussian", LOGIT_STD) else ""
+    suffix += "" if default_logits else f"_{args.logits}"
     suffix += f"_{args.tag}" if args.tag else ""
     out = HERE / f"results_{args.device}{suffix}.json"
     out.write_text(

@@ -353,8 +353,7 @@ float row(const TS* s, const TT* t, float* g, float* eq, float* ep, const Args& 
                 loss = -sum_ql;
                 if (g) {
                     // q (h - sum q h), h = -alpha (q/m - 1) - log m/q (stored in ep, its sum in sum_qt)
-                    const double kq = sum_qt;
-                    const float kf = float(kq);
+                    const float kf = float(sum_qt);
 #pragma omp simd
                     for (long i = 0; i < V; ++i) g[i] = sc * (eq[i] * inv_s) * (ep[i] - kf);
                 }
